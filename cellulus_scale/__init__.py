@@ -1,0 +1,3 @@
+"""cellulus-scale: unsupervised cell instance segmentation (Cellulus) for large OME-Zarr videos."""
+
+__version__ = "0.1.0"

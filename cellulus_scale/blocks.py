@@ -1,0 +1,61 @@
+"""Blocks with read and write regions (after daisy): a core that a task writes, and the larger
+region it reads around it. Spatial only; frames are handled by the caller."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Block:
+    """One block of a frame: ``index`` in the block grid, its ``core`` start and stop per axis."""
+
+    index: tuple[int, ...]
+    start: tuple[int, ...]
+    stop: tuple[int, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(b - a for a, b in zip(self.start, self.stop, strict=True))
+
+    @property
+    def core(self) -> tuple[slice, ...]:
+        return tuple(slice(a, b) for a, b in zip(self.start, self.stop, strict=True))
+
+    def grown(self, halo: int, bounds: Sequence[int]) -> tuple[slice, ...]:
+        """The core grown by ``halo`` on every side, clipped to the frame."""
+        return tuple(
+            slice(max(0, a - halo), min(size, b + halo))
+            for a, b, size in zip(self.start, self.stop, bounds, strict=True)
+        )
+
+    @property
+    def name(self) -> str:
+        return "_".join(str(i) for i in self.index)
+
+
+def block_grid(shape: Sequence[int], block_size: Sequence[int]) -> list[Block]:
+    """Cut a frame of ``shape`` into blocks of ``block_size`` (the last ones may be smaller)."""
+    counts = [math.ceil(s / b) for s, b in zip(shape, block_size, strict=True)]
+    blocks = []
+    for index in np.ndindex(*counts):
+        start = tuple(i * b for i, b in zip(index, block_size, strict=True))
+        stop = tuple(min(a + b, s) for a, b, s in zip(start, block_size, shape, strict=True))
+        blocks.append(Block(tuple(int(i) for i in index), start, stop))
+    return blocks
+
+
+def iter_grid(shape: Sequence[int], block_size: Sequence[int]) -> Iterator[Block]:
+    yield from block_grid(shape, block_size)
+
+
+def owner_index(points: np.ndarray, shape: Sequence[int], block_size: Sequence[int]) -> np.ndarray:
+    """Grid index of the block owning each point (n, dims): the block whose core holds the
+    point, after clamping the point into the frame."""
+    upper = np.asarray(shape) - 1
+    clamped = np.clip(np.floor(points).astype(np.int64), 0, upper)
+    return clamped // np.asarray(block_size)

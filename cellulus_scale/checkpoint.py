@@ -1,0 +1,115 @@
+"""One-file checkpoints: weights, the whole model configuration, normalisation, training state.
+
+Loaded with ``torch.load(weights_only=True)``: only tensors and plain Python values, never
+arbitrary pickled objects.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cellulus_scale.config import ModelConfig
+from cellulus_scale.data import Normalisation
+from cellulus_scale.errors import UserInputError
+from cellulus_scale.model import UNet
+
+FORMAT = "cellulus-scale-checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """Everything needed to predict with, or resume training of, a model."""
+
+    kind: str  # "oce" (self-supervised) or "stardist" (supervised)
+    model_config: ModelConfig
+    normalisation: Normalisation
+    state_dict: dict[str, torch.Tensor]
+    data_axes: str
+    train_config: dict[str, Any] = field(default_factory=dict)
+    training_state: dict[str, Any] = field(default_factory=dict)
+
+    def build_model(self, device: torch.device | str = "cpu") -> UNet:
+        model = UNet(self.model_config)
+        model.load_state_dict(self.state_dict)
+        return model.to(device).eval()
+
+
+def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike[str]) -> None:
+    """Write atomically: a partly written checkpoint never replaces a good one."""
+    path = Path(path)
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": checkpoint.kind,
+        "model_config": checkpoint.model_config.to_dict(),
+        "normalisation": checkpoint.normalisation.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in checkpoint.state_dict.items()},
+        "data_axes": checkpoint.data_axes,
+        "train_config": checkpoint.train_config,
+        "training_state": checkpoint.training_state,
+    }
+    temporary = path.with_name(path.name + ".partial")
+    torch.save(payload, temporary)
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path: str | os.PathLike[str], kind: str | None = None) -> Checkpoint:
+    """Load and check a checkpoint; bad files give a UserInputError naming the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(
+            f"no model checkpoint at {path}", "train one with 'cellulus-scale train'"
+        )
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+        raise UserInputError(
+            f"{path} is not a readable cellulus-scale checkpoint ({reason})",
+            "pass a MODEL.pt written by 'cellulus-scale train'",
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise UserInputError(
+            f"{path} is not a cellulus-scale checkpoint (it comes from another program or model)",
+            "pass a MODEL.pt written by 'cellulus-scale train'",
+        )
+    if kind is not None and payload["kind"] != kind:
+        raise UserInputError(
+            f"{path} holds a '{payload['kind']}' model, but a '{kind}' model is needed here",
+            "pass a checkpoint of the right kind",
+        )
+    config = ModelConfig.from_dict(payload["model_config"])
+    checkpoint = Checkpoint(
+        kind=payload["kind"],
+        model_config=config,
+        normalisation=Normalisation(**payload["normalisation"]),
+        state_dict=payload["state_dict"],
+        data_axes=payload["data_axes"],
+        train_config=payload.get("train_config", {}),
+        training_state=payload.get("training_state", {}),
+    )
+    try:
+        UNet(config).load_state_dict(checkpoint.state_dict)
+    except RuntimeError:
+        raise UserInputError(
+            f"{path}: the weights do not match the model configuration stored with them",
+            "the file is damaged; retrain or use another checkpoint",
+        ) from None
+    return checkpoint
+
+
+def check_compatible(checkpoint: Checkpoint, spatial_dims: int, channels: int, where: str) -> None:
+    """Refuse a model trained for other dimensions or channels than the data."""
+    config = checkpoint.model_config
+    if config.spatial_dims != spatial_dims or config.in_channels != channels:
+        raise UserInputError(
+            f"the model is for {config.spatial_dims}D images with {config.in_channels} channel(s),"
+            f" but {where} is {spatial_dims}D with {channels} channel(s)",
+            "use a model trained on data of this layout",
+        )

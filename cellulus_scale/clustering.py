@@ -1,0 +1,202 @@
+"""Pure clustering and post-processing kernels for one block (numpy in, numpy out)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+from skimage.filters import threshold_otsu
+from sklearn.cluster import MeanShift
+from sklearn.neighbors import KDTree
+
+from cellulus_scale.kernels import position_uniform
+
+FIT_SAMPLE_PASS = -1  # the noise stream used to pick the mean-shift fit sample
+
+
+def embeddings_of(
+    offsets: np.ndarray, origin: Sequence[int], mean_offset: np.ndarray
+) -> np.ndarray:
+    """Centred embeddings e(i) = r(i) - mean offset + i, as (dims, *spatial), in global pixels."""
+    grids = np.indices(offsets.shape[1:], dtype=np.float64)
+    for axis, start in enumerate(origin):
+        grids[axis] += start
+    return (
+        offsets.astype(np.float64)
+        - np.asarray(mean_offset, dtype=np.float64).reshape((-1,) + (1,) * (offsets.ndim - 1))
+        + grids
+    )
+
+
+def fit_sample_mask(
+    shape: Sequence[int], origin: Sequence[int], frame: int, seed: int, fraction: float
+) -> np.ndarray:
+    """A block-independent random subset of pixels (a function of global position)."""
+    grids = [
+        (np.arange(size, dtype=np.int64) + start).reshape(
+            [-1 if a == axis else 1 for a in range(len(shape))]
+        )
+        for axis, (size, start) in enumerate(zip(shape, origin, strict=True))
+    ]
+    return position_uniform(seed, frame, FIT_SAMPLE_PASS & 0xFFFF, grids) < fraction
+
+
+def find_centres(
+    embeddings: np.ndarray,
+    foreground: np.ndarray,
+    sample: np.ndarray,
+    bandwidth: float,
+    method: str = "meanshift",
+) -> np.ndarray:
+    """Cluster centres (modes) of the foreground embeddings, as an (n, dims) array.
+
+    ``sklearn``: scikit-learn's MeanShift (bin seeding) fitted on the sampled pixels, the
+    reference. ``meanshift``: the same flat-kernel mean-shift from the same seeds, run as
+    vectorised numpy iterations over a KD-tree (see :func:`fast_mean_shift`).
+    """
+    points = embeddings[:, foreground & sample].T
+    if len(points) == 0:
+        return np.zeros((0, embeddings.shape[0]))
+    if method == "sklearn":
+        model = MeanShift(bandwidth=bandwidth, bin_seeding=True, cluster_all=True)
+        try:
+            model.fit(points)
+        except ValueError:  # no seed bin has enough points
+            return np.zeros((0, embeddings.shape[0]))
+        return model.cluster_centers_
+    return fast_mean_shift(points, bandwidth)
+
+
+def bin_seeds(points: np.ndarray, bin_size: float, min_bin_freq: int = 1) -> np.ndarray:
+    """Seeds on a grid of ``bin_size`` in global coordinates (as scikit-learn's bin seeding)."""
+    binned = np.round(points / bin_size).astype(np.int64)
+    unique, counts = np.unique(binned, axis=0, return_counts=True)
+    return unique[counts >= min_bin_freq].astype(np.float64) * bin_size
+
+
+def fast_mean_shift(
+    points: np.ndarray, bandwidth: float, max_iter: int = 300, tol: float = 1e-3
+) -> np.ndarray:
+    """Flat-kernel mean-shift from bin seeds, all seeds iterated together.
+
+    Follows scikit-learn's algorithm (bin seeding, convergence at 1e-3 x bandwidth, modes
+    within one bandwidth of a more populated one removed) so it finds the same modes, but
+    moves every seed at once with one KD-tree query per iteration.
+    """
+    tree = KDTree(points)
+    seeds = bin_seeds(points, bandwidth)
+    active = np.ones(len(seeds), dtype=bool)
+    counts = np.zeros(len(seeds), dtype=np.int64)
+    stop = tol * bandwidth
+    for _ in range(max_iter):
+        index = np.flatnonzero(active)
+        if len(index) == 0:
+            break
+        neighbours = tree.query_radius(seeds[index], r=bandwidth)
+        sizes = np.array([len(n) for n in neighbours])
+        empty = sizes == 0
+        flat = np.concatenate(neighbours) if len(neighbours) else np.zeros(0, dtype=np.int64)
+        owner = np.repeat(np.arange(len(index)), sizes)
+        sums = np.zeros((len(index), points.shape[1]))
+        np.add.at(sums, owner, points[flat])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means = sums / sizes[:, None]
+        means[empty] = seeds[index][empty]
+        moved = np.linalg.norm(means - seeds[index], axis=1)
+        seeds[index] = means
+        counts[index] = sizes
+        converged = (moved <= stop) | empty
+        active[index[converged]] = False
+    keep = counts > 0
+    seeds, counts = seeds[keep], counts[keep]
+    order = np.lexsort((*seeds.T[::-1], -counts))  # most populated first, ties by position
+    seeds = seeds[order]
+    unique = np.ones(len(seeds), dtype=bool)
+    centre_tree = KDTree(seeds) if len(seeds) else None
+    for i in range(len(seeds)):
+        if unique[i] and centre_tree is not None:
+            close = centre_tree.query_radius(seeds[i : i + 1], r=bandwidth)[0]
+            unique[close] = False
+            unique[i] = True
+    return seeds[unique]
+
+
+def assign_to_centres(
+    embeddings: np.ndarray,
+    foreground: np.ndarray,
+    centres: np.ndarray,
+    ids: np.ndarray,
+    max_distance: float,
+    dtype: np.dtype = np.uint32,
+) -> np.ndarray:
+    """Label each foreground pixel with the ID of its nearest centre (0 if none within
+    ``max_distance``)."""
+    labels = np.zeros(foreground.shape, dtype=dtype)
+    if len(centres) == 0 or not foreground.any():
+        return labels
+    points = embeddings[:, foreground].T
+    distance, nearest = KDTree(centres).query(points, k=1)
+    distance, nearest = distance[:, 0], nearest[:, 0]
+    values = np.where(distance <= max_distance, ids[nearest], 0).astype(dtype)
+    labels[foreground] = values
+    return labels
+
+
+def postprocess_cell(labels: np.ndarray, grow: float, shrink: float) -> np.ndarray:
+    """'cell' mode: grow the foreground by ``grow`` px, then erode that mask by ``shrink`` px."""
+    expanded = ndimage.distance_transform_edt(labels == 0) < grow
+    inside = ndimage.distance_transform_edt(expanded)
+    result = labels.copy()
+    result[inside < shrink] = 0
+    return result
+
+
+def postprocess_nucleus(labels: np.ndarray, intensity: np.ndarray) -> np.ndarray:
+    """'nucleus' mode: inside each instance keep pixels above its Otsu intensity threshold,
+    then fill holes."""
+    result = np.zeros_like(labels)
+    for index, region in enumerate(ndimage.find_objects(labels), start=1):
+        if region is None:
+            continue
+        mask = labels[region] == index
+        values = intensity[region][mask]
+        if values.size < 2 or values.min() == values.max():
+            kept = mask
+        else:
+            kept = mask & (intensity[region] > threshold_otsu(values))
+            kept = ndimage.binary_fill_holes(kept) & (mask | ndimage.binary_fill_holes(mask))
+        result[region][kept] = index
+    return result
+
+
+def relabel_sequential_ids(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Map arbitrary IDs to 1..n (for the per-region kernels), returning the inverse map."""
+    ids, inverse = np.unique(labels, return_inverse=True)
+    if ids[0] != 0:
+        ids = np.concatenate([[0], ids])
+        inverse = inverse + 1
+    return inverse.reshape(labels.shape).astype(np.int64), ids
+
+
+def postprocess(
+    labels: np.ndarray,
+    intensity: np.ndarray | None,
+    mode: str,
+    grow: float,
+    shrink: float,
+    min_size: float,
+) -> np.ndarray:
+    """Post-process instance labels of a region (any IDs) and drop objects under ``min_size``."""
+    compact, ids = relabel_sequential_ids(labels)
+    if mode == "cell":
+        compact = postprocess_cell(compact, grow, shrink)
+    elif mode == "nucleus":
+        if intensity is None:
+            raise ValueError("nucleus mode needs the intensity image")
+        compact = postprocess_nucleus(compact, intensity)
+    sizes = np.bincount(compact.ravel(), minlength=len(ids))
+    small = sizes < min_size
+    small[0] = False
+    compact[small[compact]] = 0
+    return ids[compact].astype(labels.dtype)

@@ -1,0 +1,163 @@
+"""One configuration object for cellulus-scale; every default is stated here once.
+
+Parameters that the paper derives from the expected object diameter ``d`` (mean-shift
+bandwidth, minimum object size, post-processing distances, clustering halo) are derived
+properties of :class:`SegmentationConfig`, never separate settings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
+
+from cellulus_scale.errors import UserInputError
+
+Damping = Literal["seed", "reference"]
+Mode = Literal["cell", "nucleus", "none"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The mini U-Net: valid convolutions, blocks of [3x3, 1x1, 1x1, 3x3] with ReLU."""
+
+    spatial_dims: int = 2
+    in_channels: int = 1
+    depth: int = 1
+    feature_maps: int = 64
+    feature_factor: int = 3
+    out_channels: int | None = None  # None: one output per spatial dimension (OCE offsets)
+
+    @property
+    def outputs(self) -> int:
+        return self.spatial_dims if self.out_channels is None else self.out_channels
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Self-supervised OCE training (seed, Appendix A)."""
+
+    crop_size: int = 252
+    batch_size: int = 8
+    learning_rate: float = 4e-5
+    epochs: int = 50
+    lr_milestones: tuple[int, ...] = (20, 30)
+    lr_gamma: float = 0.1
+    tau: float = 10.0
+    lambda_reg: float = 1e-5
+    kappa: float = 10.0
+    pair_fraction: float = 0.2
+    damping: Damping = "seed"
+    min_crops_per_epoch: int = 400
+    elastic: bool = False
+    num_workers: int = 2
+    seed: int = 0
+    normalisation_percentiles: tuple[float, float] = (1.0, 99.8)
+    normalisation_samples: int = 32
+
+    def to_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["lr_milestones"] = list(self.lr_milestones)
+        values["normalisation_percentiles"] = list(self.normalisation_percentiles)
+        return values
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named pair of model and training settings."""
+
+    name: str
+    model: ModelConfig
+    train: TrainConfig
+    description: str
+
+
+PRESETS: dict[str, Preset] = {
+    "paper": Preset(
+        "paper",
+        ModelConfig(),
+        TrainConfig(),
+        "the paper's settings: 64 feature maps, Adam 4e-5, 50 epochs, batches of 8 252x252 crops",
+    ),
+    "cpu": Preset(
+        "cpu",
+        ModelConfig(feature_maps=16),
+        TrainConfig(
+            crop_size=124,
+            batch_size=4,
+            learning_rate=1e-3,
+            epochs=10,
+            lr_milestones=(6, 8),
+            min_crops_per_epoch=160,
+        ),
+        "small and fast for 2 CPU cores: 16 feature maps, 124x124 crops, Adam 1e-3, 10 epochs",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class SegmentationConfig:
+    """Inference settings; everything scale-dependent follows from ``diameter`` (pixels)."""
+
+    diameter: float
+    tta_passes: int = 32
+    noise_fraction: float = 0.01
+    noise_values: tuple[float, ...] = (0.5, 1.0)
+    fit_fraction: float = 0.1
+    threshold: float | None = None
+    mode: Mode = "cell"
+    clustering: Literal["meanshift", "sklearn"] = "meanshift"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.diameter) or self.diameter <= 0:
+            raise UserInputError(
+                f"object diameter must be a positive number of pixels, got {self.diameter}",
+                "pass --diameter D with the typical cell diameter in pixels (e.g. 24)",
+            )
+        if self.tta_passes < 1:
+            raise UserInputError(
+                f"--tta must be at least 1, got {self.tta_passes}", "use e.g. --tta 32"
+            )
+
+    @property
+    def bandwidth(self) -> float:
+        """Mean-shift bandwidth: half the diameter."""
+        return 0.5 * self.diameter
+
+    @property
+    def clustering_halo(self) -> int:
+        """Context read around a block's core for clustering: one diameter."""
+        return int(math.ceil(self.diameter))
+
+    @property
+    def grow_distance(self) -> float:
+        """'cell' post-processing: grow by d/8 (3 px for d = 24)."""
+        return self.diameter / 8.0
+
+    @property
+    def shrink_distance(self) -> float:
+        """'cell' post-processing: then erode by d/4 (6 px for d = 24)."""
+        return self.diameter / 4.0
+
+    @property
+    def assign_distance(self) -> float:
+        """A foreground pixel farther than this from every centre stays background."""
+        return self.diameter
+
+    def min_size(self, spatial_dims: int) -> float:
+        """Smallest kept object: 0.1 x the area (2D) or volume (3D) of a disc of diameter d."""
+        radius = self.diameter / 2.0
+        if spatial_dims == 3:
+            return 0.1 * 4.0 / 3.0 * math.pi * radius**3
+        return 0.1 * math.pi * radius**2
+
+    def with_updates(self, **changes: Any) -> SegmentationConfig:
+        return replace(self, **changes)

@@ -1,0 +1,165 @@
+"""Random training crops read lazily from an OME-Zarr image, and intensity normalisation."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from cellulus_scale.errors import UserInputError
+from cellulus_scale.ome_io import OmeImage
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """Maps raw intensities to about [0, 1]: (x - low) / (high - low)."""
+
+    low: float
+    high: float
+
+    def apply(self, values: np.ndarray) -> np.ndarray:
+        scale = self.high - self.low if self.high > self.low else 1.0
+        return ((values.astype(np.float32) - np.float32(self.low)) / np.float32(scale)).astype(
+            np.float32
+        )
+
+    def to_dict(self) -> dict[str, float]:
+        return {"low": float(self.low), "high": float(self.high)}
+
+
+def crop_shape(image: OmeImage, crop_size: int) -> tuple[int, ...]:
+    """Spatial crop shape: ``crop_size`` along y and x (and z for 3D images)."""
+    _, _, depth, height, width = image.canonical_shape
+    spatial = (depth, height, width) if image.spatial_dims == 3 else (height, width)
+    too_small = [s for s in spatial if s < crop_size]
+    if too_small:
+        raise UserInputError(
+            f"the image ({'x'.join(map(str, spatial))}) is smaller than the {crop_size} px crops",
+            "pass a smaller --crop-size that the network can take (see --help)",
+        )
+    return (crop_size,) * len(spatial)
+
+
+def read_crop(
+    image: OmeImage, frame: int, corner: tuple[int, ...], shape: tuple[int, ...]
+) -> np.ndarray:
+    """Read one (C, *spatial) crop; only the chunks it touches are loaded."""
+    data = image.canonical()
+    region = tuple(slice(c, c + s) for c, s in zip(corner, shape, strict=True))
+    if len(shape) == 2:
+        block = data[frame, :, 0][(slice(None), *region)]
+    else:
+        block = data[frame][(slice(None), *region)]
+    return np.asarray(block.compute(scheduler="synchronous"))
+
+
+def random_corner(
+    rng: np.random.Generator, image: OmeImage, shape: tuple[int, ...]
+) -> tuple[int, tuple[int, ...]]:
+    frames, _, depth, height, width = image.canonical_shape
+    spatial = (depth, height, width)[-len(shape) :]
+    frame = int(rng.integers(frames))
+    corner = tuple(int(rng.integers(size - s + 1)) for size, s in zip(spatial, shape, strict=True))
+    return frame, corner
+
+
+def estimate_normalisation(
+    image: OmeImage, crop_size: int, samples: int, percentiles: tuple[float, float], seed: int
+) -> Normalisation:
+    """Robust percentiles of the intensities over ``samples`` random crops."""
+    shape = crop_shape(image, min(crop_size, *image.canonical_shape[-2:]))
+    rng = np.random.default_rng([seed, 7])
+    values = []
+    for _ in range(samples):
+        frame, corner = random_corner(rng, image, shape)
+        values.append(read_crop(image, frame, corner, shape).ravel()[::7])
+    pooled = np.concatenate(values).astype(np.float64)
+    if not np.all(np.isfinite(pooled)):
+        raise UserInputError(
+            f"the image {image.path} contains NaN or Inf values",
+            "replace them (e.g. with 0) before training",
+        )
+    low, high = np.percentile(pooled, percentiles)
+    if high <= low:
+        raise UserInputError(
+            f"the image {image.path} has no contrast in its sampled crops (all values {low:g})",
+            "check that the image is not empty or constant",
+        )
+    return Normalisation(float(low), float(high))
+
+
+def augment(crop: np.ndarray, rng: np.random.Generator, elastic: bool) -> np.ndarray:
+    """Random flips on every spatial axis, a random multiple of 90 degrees in yx, and optionally
+    a smooth elastic deformation."""
+    spatial_axes = list(range(1, crop.ndim))
+    for axis in spatial_axes:
+        if rng.random() < 0.5:
+            crop = np.flip(crop, axis=axis)
+    crop = np.rot90(crop, k=int(rng.integers(4)), axes=(crop.ndim - 2, crop.ndim - 1))
+    if elastic:
+        crop = elastic_deform(crop, rng)
+    return np.ascontiguousarray(crop)
+
+
+def elastic_deform(
+    crop: np.ndarray, rng: np.random.Generator, sigma: float = 8.0, magnitude: float = 4.0
+) -> np.ndarray:
+    """Smooth random displacement field (Gaussian-filtered noise), linear interpolation."""
+    shape = crop.shape[1:]
+    grid = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij")
+    coords = []
+    for axis_grid in grid:
+        field = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma)
+        field *= magnitude / (np.abs(field).max() + 1e-6)
+        coords.append(axis_grid + field)
+    return np.stack(
+        [ndimage.map_coordinates(channel, coords, order=1, mode="reflect") for channel in crop]
+    )
+
+
+class RandomCrops(torch.utils.data.Dataset):
+    """Sample ``index`` is a random crop drawn from a generator seeded by (seed, index).
+
+    Every crop is a function of the seed and its index alone, so training is reproducible
+    whatever the number of loader workers, and resumable at any step.
+    """
+
+    def __init__(
+        self,
+        image: OmeImage,
+        crop_size: int,
+        normalisation: Normalisation,
+        seed: int,
+        length: int,
+        elastic: bool = False,
+    ) -> None:
+        self.image = image
+        self.shape = crop_shape(image, crop_size)
+        self.normalisation = normalisation
+        self.seed = seed
+        self.length = length
+        self.elastic = elastic
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        rng = np.random.default_rng([self.seed, int(index)])
+        for _ in range(100):
+            frame, corner = random_corner(rng, self.image, self.shape)
+            raw = read_crop(self.image, frame, corner, self.shape)
+            if raw.size and raw.max() > raw.min():
+                break
+        crop = self.normalisation.apply(raw)
+        return torch.from_numpy(augment(crop, rng, self.elastic))
+
+
+def crops_per_epoch(image: OmeImage, crop_size: int, floor: int) -> int:
+    """An epoch: enough crops to cover every pixel of the data once, and at least ``floor``."""
+    frames, _, depth, height, width = image.canonical_shape
+    voxels = frames * height * width * (depth if image.spatial_dims == 3 else 1)
+    per_crop = crop_size**image.spatial_dims
+    return max(floor, math.ceil(voxels / per_crop))

@@ -1,0 +1,103 @@
+"""The self-supervised OCE loss and its pair sampling (seed, Appendix A)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from cellulus_scale.config import Damping
+
+
+def damping(squared_distance: torch.Tensor, tau: float, kind: Damping = "seed") -> torch.Tensor:
+    """Saturating damper of a squared embedding distance.
+
+    ``seed``: 1 / (1 + exp(-x / tau)) (the paper's appendix); ``reference``: 1 - exp(-x / tau)
+    (the authors' code).
+    """
+    if kind == "seed":
+        return torch.sigmoid(squared_distance / tau)
+    if kind == "reference":
+        return 1.0 - torch.exp(-squared_distance / tau)
+    raise ValueError(f"unknown damping {kind!r}")
+
+
+def _disc_offsets(kappa: float, dims: int) -> torch.Tensor:
+    """All non-zero integer offsets within radius ``kappa`` (an (n, dims) tensor)."""
+    reach = int(math.floor(kappa))
+    axes = [torch.arange(-reach, reach + 1)] * dims
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, dims)
+    norm2 = (grid.float() ** 2).sum(dim=1)
+    keep = (norm2 <= kappa**2) & (norm2 > 0)
+    return grid[keep]
+
+
+def sample_pairs(
+    spatial_shape: tuple[int, ...],
+    batch: int,
+    fraction: float,
+    kappa: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample anchor pixels P1 and one partner P2 within radius ``kappa`` for each.
+
+    P1 holds ``fraction`` of all output pixels per batch item; anchors are drawn only where the
+    whole radius stays inside the output, so every partner is in bounds. Returns two integer
+    tensors of shape (batch, n, dims): anchor and partner coordinates.
+    """
+    dims = len(spatial_shape)
+    reach = int(math.floor(kappa))
+    inner = [size - 2 * reach for size in spatial_shape]
+    if min(inner) < 1:
+        raise ValueError(f"output {spatial_shape} is too small for pairs within radius {kappa}")
+    total = math.prod(spatial_shape)
+    count = max(1, int(round(fraction * total)))
+    inner_total = math.prod(inner)
+    flat = torch.randint(0, inner_total, (batch, count), generator=generator)
+    anchors = torch.stack(torch.unravel_index(flat, tuple(inner)), dim=-1) + reach
+    offsets = _disc_offsets(kappa, dims)
+    choice = torch.randint(0, len(offsets), (batch, count), generator=generator)
+    partners = anchors + offsets[choice]
+    return anchors.to(device), partners.to(device)
+
+
+def coordinate_grid(spatial_shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
+    """Pixel coordinates as a (dims, *spatial_shape) float tensor."""
+    axes = [torch.arange(size, device=device, dtype=torch.float32) for size in spatial_shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
+
+
+def _gather(values: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """values (B, C, *S), coords (B, n, dims) -> (B, n, C)."""
+    batch, channels = values.shape[:2]
+    spatial = values.shape[2:]
+    flat_index = torch.zeros(coords.shape[:2], dtype=torch.long, device=values.device)
+    for axis, size in enumerate(spatial):
+        flat_index = flat_index * size + coords[..., axis]
+    flat = values.reshape(batch, channels, -1)
+    index = flat_index.unsqueeze(1).expand(batch, channels, flat_index.shape[1])
+    return torch.gather(flat, 2, index).transpose(1, 2)
+
+
+def oce_loss(
+    offsets: torch.Tensor,
+    anchors: torch.Tensor,
+    partners: torch.Tensor,
+    tau: float = 10.0,
+    lambda_reg: float = 1e-5,
+    kind: Damping = "seed",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Pairwise OCE loss on predicted offsets r (B, dims, *S).
+
+    The embedding is e(i) = r(i) + i; the loss is the mean over pairs of
+    sigma(||e(i) - e(j)||^2) plus ``lambda_reg`` times the mean ||r(i)|| over anchors.
+    """
+    embeddings = offsets + coordinate_grid(tuple(offsets.shape[2:]), offsets.device)
+    e_anchor = _gather(embeddings, anchors)
+    e_partner = _gather(embeddings, partners)
+    squared = ((e_anchor - e_partner) ** 2).sum(dim=-1)
+    pair_term = damping(squared, tau, kind).mean()
+    reg_term = _gather(offsets, anchors).norm(dim=-1).mean()
+    loss = pair_term + lambda_reg * reg_term
+    return loss, {"pair": float(pair_term.detach()), "reg": float(reg_term.detach())}

@@ -1,0 +1,429 @@
+"""OME-Zarr input and output: lazy reading of NGFF 0.4/0.5 images, blockwise NGFF 0.4 writing.
+
+Images are read as Dask arrays of their full-resolution level. Everything cellulus-scale writes
+is NGFF 0.4 (zarr v2), which ome-zarr-models validates completely (see README, "Data layout").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import zarr
+from ome_zarr.format import FormatV04
+from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
+
+from cellulus_scale.errors import UserInputError
+
+CANONICAL_AXES = "tczyx"
+SPATIAL_AXES = "zyx"
+STATUS_KEY = "cellulus_scale"
+_AXIS_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
+
+
+@dataclass(frozen=True)
+class OmeImage:
+    """A lazily opened image: its full-resolution data, axis names and physical scale."""
+
+    path: Path
+    data: da.Array
+    axes: str
+    scale: tuple[float, ...]
+    ngff_version: str | None
+    labels: tuple[str, ...] = ()
+
+    @property
+    def spatial_axes(self) -> str:
+        return "".join(a for a in self.axes if a in SPATIAL_AXES)
+
+    def canonical(self) -> da.Array:
+        """The data as 5D (t, c, z, y, x), inserting axes of length 1 where missing."""
+        index = tuple(slice(None) if a in self.axes else None for a in CANONICAL_AXES)
+        return self.data[index]
+
+    @property
+    def canonical_shape(self) -> tuple[int, ...]:
+        sizes = dict(zip(self.axes, self.data.shape, strict=True))
+        return tuple(sizes.get(a, 1) for a in CANONICAL_AXES)
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 for yx images, 3 where a z axis longer than one plane exists."""
+        sizes = dict(zip(self.axes, self.data.shape, strict=True))
+        return 3 if sizes.get("z", 1) > 1 else 2
+
+    @property
+    def canonical_scale(self) -> tuple[float, ...]:
+        values = dict(zip(self.axes, self.scale, strict=True))
+        return tuple(float(values.get(a, 1.0)) for a in CANONICAL_AXES)
+
+
+def validate_axes(axes: str, ndim: int | None = None, where: str = "--axes") -> str:
+    """Check an axis string is an NGFF-legal ordered subset of t, c, z, y, x."""
+    axes = axes.lower()
+    positions = [CANONICAL_AXES.find(a) for a in axes]
+    if (
+        not axes
+        or -1 in positions
+        or positions != sorted(positions)
+        or len(set(axes)) != len(axes)
+        or not axes.endswith("yx")
+    ):
+        raise UserInputError(
+            f"{where} '{axes}' is not an ordered subset of t, c, z, y, x ending in yx",
+            "use e.g. --axes yx, tyx, tcyx or tzyx",
+        )
+    if ndim is not None and len(axes) != ndim:
+        raise UserInputError(
+            f"{where} '{axes}' names {len(axes)} axes but the array has {ndim} dimensions",
+            f"pass --axes with exactly {ndim} letters",
+        )
+    return axes
+
+
+def check_dtype(dtype: np.dtype, what: str = "image") -> None:
+    """Refuse dtypes the pipeline cannot segment (complex, bool, object, strings)."""
+    if np.dtype(dtype).kind not in "uif":
+        raise UserInputError(
+            f"the {what} has dtype {np.dtype(dtype)}, which cannot be segmented",
+            "convert it to an integer or floating-point dtype (e.g. uint16 or float32)",
+        )
+
+
+def _open_zarr(path: Path) -> zarr.Group | zarr.Array:
+    if not path.exists():
+        raise UserInputError(f"no such file or directory: {path}", "check the path")
+    try:
+        return zarr.open(store=str(path), mode="r")
+    except Exception as error:  # zarr raises several types for a non-zarr folder
+        raise UserInputError(
+            f"{path} is not a readable zarr store ({type(error).__name__})",
+            "point at an OME-Zarr image or a zarr array",
+        ) from None
+
+
+def _ngff_attrs(group: zarr.Group) -> tuple[dict[str, Any], str | None]:
+    attrs = dict(group.attrs)
+    if "ome" in attrs:  # NGFF 0.5 keeps everything under "ome"
+        ome = dict(attrs["ome"])
+        return ome, str(ome.get("version", "0.5"))
+    multiscales = attrs.get("multiscales")
+    version = multiscales[0].get("version") if multiscales else None
+    return attrs, version
+
+
+def _scale_of(multiscale: dict[str, Any], dataset: dict[str, Any], ndim: int) -> tuple[float, ...]:
+    scale = np.ones(ndim)
+    for transforms in (
+        dataset.get("coordinateTransformations", []),
+        multiscale.get("coordinateTransformations", []),
+    ):
+        for transform in transforms:
+            if transform.get("type") == "scale" and "scale" in transform:
+                scale = scale * np.asarray(transform["scale"], dtype=float)
+    return tuple(float(v) for v in scale)
+
+
+def open_image(path: str | os.PathLike[str], axes: str | None = None) -> OmeImage:
+    """Open an OME-Zarr image (NGFF 0.4 or 0.5) or a plain zarr array lazily.
+
+    A plain array needs ``axes`` (e.g. ``"tcyx"``); for an NGFF image ``axes`` must match the
+    metadata if given. The store is opened read-only.
+    """
+    path = Path(path)
+    node = _open_zarr(path)
+    if isinstance(node, zarr.Array):
+        if axes is None:
+            raise UserInputError(
+                f"{path} is a plain zarr array without axis names",
+                "name its axes with --axes (e.g. --axes tyx)",
+            )
+        axes = validate_axes(axes, node.ndim)
+        check_dtype(node.dtype)
+        data = da.from_zarr(node)
+        return OmeImage(path, data, axes, (1.0,) * node.ndim, None)
+    attrs, version = _ngff_attrs(node)
+    multiscales = attrs.get("multiscales")
+    if not multiscales:
+        if axes is not None and "0" in node and isinstance(node["0"], zarr.Array):
+            return open_image(path / "0", axes)
+        raise UserInputError(
+            f"{path} has no OME-Zarr multiscales metadata",
+            "point at an OME-Zarr image, or at a zarr array together with --axes",
+        )
+    multiscale = multiscales[0]
+    dataset = multiscale["datasets"][0]
+    array = node[dataset["path"]]
+    meta_axes = "".join(
+        (a["name"] if isinstance(a, dict) else a).lower() for a in multiscale.get("axes", [])
+    )
+    if not meta_axes:
+        meta_axes = CANONICAL_AXES[-array.ndim :]
+    meta_axes = validate_axes(meta_axes, array.ndim, where=f"the axes metadata of {path}")
+    if axes is not None and validate_axes(axes) != meta_axes:
+        raise UserInputError(
+            f"--axes '{axes}' does not match the image's own axes '{meta_axes}'",
+            "drop --axes for OME-Zarr images",
+        )
+    check_dtype(array.dtype)
+    labels: tuple[str, ...] = ()
+    if "labels" in node:
+        label_attrs, _ = _ngff_attrs(node["labels"])
+        labels = tuple(label_attrs.get("labels", []))
+    return OmeImage(
+        path,
+        da.from_zarr(array),
+        meta_axes,
+        _scale_of(multiscale, dataset, array.ndim),
+        version,
+        labels,
+    )
+
+
+def open_labels(path: str | os.PathLike[str], name: str) -> OmeImage:
+    """Open the label image ``labels/<name>`` of an OME-Zarr image."""
+    path = Path(path)
+    image = open_image(path)
+    if name not in image.labels or not (path / "labels" / name).exists():
+        found = ", ".join(image.labels) or "none"
+        raise UserInputError(
+            f"{path} has no label image named '{name}' (found: {found})",
+            "choose one of the listed names",
+        )
+    return open_image(path / "labels" / name)
+
+
+def check_output_path(
+    path: str | os.PathLike[str], overwrite: bool, inputs: Sequence[Path] = ()
+) -> Path:
+    """Refuse to write over an existing output (unless ``overwrite``) or over an input."""
+    path = Path(path)
+    for source in inputs:
+        if path.resolve() == Path(source).resolve():
+            raise UserInputError(
+                f"the output {path} is the input", "choose a different output path"
+            )
+    if path.exists() and not overwrite:
+        raise UserInputError(
+            f"output {path} already exists", "pass --overwrite to replace it or choose a new path"
+        )
+    parent = path.resolve().parent
+    if not parent.exists():
+        raise UserInputError(f"the folder {parent} does not exist", "create it first")
+    if not os.access(parent, os.W_OK):
+        raise UserInputError(
+            f"the folder {parent} is not writable", "choose a writable output path"
+        )
+    return path
+
+
+def remove_store(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def _axes_metadata(axes: str) -> list[dict[str, str]]:
+    return [{"name": a, "type": _AXIS_TYPES[a]} for a in axes]
+
+
+def pyramid_factors(
+    shape: Sequence[int], axes: str, levels: int | None = None, min_size: int = 64
+) -> list[tuple[int, ...]]:
+    """Downsampling factors per level: 2x in y and x (not t, c or z) until a side < min_size."""
+    factors = [tuple(1 for _ in axes)]
+    sizes = dict(zip(axes, shape, strict=True))
+    level = 1
+    while (levels is None or level < levels) and min(
+        sizes["y"], sizes["x"]
+    ) // 2**level >= min_size:
+        factors.append(tuple(2**level if a in "yx" else 1 for a in axes))
+        level += 1
+    return factors
+
+
+def create_group(path: Path) -> zarr.Group:
+    """Create a new NGFF 0.4 (zarr v2) group."""
+    return zarr.open_group(str(path), mode="w", zarr_format=2)
+
+
+def open_group_for_update(path: Path) -> zarr.Group:
+    return zarr.open_group(str(path), mode="r+", zarr_format=2)
+
+
+def create_level0(
+    group: zarr.Group,
+    shape: Sequence[int],
+    chunks: Sequence[int],
+    dtype: np.dtype | str,
+    fill_value: Any = 0,
+) -> zarr.Array:
+    """Create the full-resolution array "0" of an image group, chunked for blockwise writes."""
+    return group.create_array(
+        "0",
+        shape=tuple(shape),
+        chunks=tuple(chunks),
+        dtype=dtype,
+        fill_value=fill_value,
+        overwrite=True,
+        chunk_key_encoding={"name": "v2", "separator": "/"},
+    )
+
+
+def finish_multiscale(
+    group: zarr.Group,
+    axes: str,
+    scale: Sequence[float],
+    name: str,
+    levels: int | None = None,
+) -> None:
+    """Build the pyramid of ``group``'s array "0" by taking pixels (nearest) and write metadata.
+
+    Each level is computed lazily from the one above with Dask and written chunk by chunk.
+    """
+    base = group["0"]
+    factors = pyramid_factors(base.shape, axes, levels)
+    previous = da.from_zarr(base)
+    datasets = []
+    for level, factor in enumerate(factors):
+        if level > 0:
+            step = tuple(2 if a in "yx" else 1 for a in axes)
+            data = previous[tuple(slice(None, None, s) for s in step)]
+            chunks = tuple(min(c, s) for c, s in zip(base.chunks, data.shape, strict=True))
+            target = group.create_array(
+                str(level),
+                shape=data.shape,
+                chunks=chunks,
+                dtype=base.dtype,
+                fill_value=base.fill_value,
+                overwrite=True,
+                chunk_key_encoding={"name": "v2", "separator": "/"},
+            )
+            da.store(data.rechunk(chunks), target, lock=False)
+            previous = da.from_zarr(target)
+        level_scale = [float(s) * f for s, f in zip(scale, factor, strict=True)]
+        datasets.append(
+            {
+                "path": str(level),
+                "coordinateTransformations": [{"type": "scale", "scale": level_scale}],
+            }
+        )
+    write_multiscales_metadata(
+        group, datasets, fmt=FormatV04(), axes=_axes_metadata(axes), name=name
+    )
+
+
+def write_image(
+    path_or_group: Path | zarr.Group,
+    data: da.Array,
+    axes: str,
+    scale: Sequence[float],
+    name: str,
+    chunks: Sequence[int] | None = None,
+) -> zarr.Group:
+    """Write a Dask array as an NGFF 0.4 image with a pyramid, chunk by chunk."""
+    group = create_group(path_or_group) if isinstance(path_or_group, Path) else path_or_group
+    chunks = tuple(chunks) if chunks is not None else tuple(c[0] for c in data.chunks)
+    target = create_level0(group, data.shape, chunks, data.dtype)
+    da.store(data.rechunk(chunks), target, lock=False)
+    finish_multiscale(group, axes, scale, name)
+    return group
+
+
+def label_dtype(max_label: int) -> np.dtype:
+    """uint32 for labels, uint64 when the count needs it."""
+    return np.dtype(np.uint32) if max_label <= np.iinfo(np.uint32).max else np.dtype(np.uint64)
+
+
+def label_axes_shape(image: OmeImage) -> tuple[str, tuple[int, ...]]:
+    """Axes and shape of a label image for ``image``: same axes, a channel axis of length 1."""
+    shape = tuple(1 if a == "c" else s for a, s in zip(image.axes, image.data.shape, strict=True))
+    return image.axes, shape
+
+
+def create_labels(
+    root: zarr.Group,
+    name: str,
+    shape: Sequence[int],
+    chunks: Sequence[int],
+    dtype: np.dtype | str = np.uint32,
+) -> zarr.Group:
+    """Create ``labels/<name>`` (empty level 0) inside an image group and list it."""
+    labels_group = root.require_group("labels")
+    label_group = labels_group.create_group(name, overwrite=True)
+    create_level0(label_group, shape, chunks, dtype)
+    return label_group
+
+
+def finish_labels(root: zarr.Group, name: str, axes: str, scale: Sequence[float]) -> None:
+    """Write the nearest-neighbour pyramid and the ``image-label`` metadata of a label image."""
+    labels_group = root["labels"]
+    finish_multiscale(labels_group[name], axes, scale, name)
+    # lists ``name`` in the labels group's "labels" attribute
+    write_label_metadata(labels_group, name, fmt=FormatV04(), source={"image": "../../"})
+
+
+def write_labels(
+    root: zarr.Group,
+    name: str,
+    labels: da.Array,
+    axes: str,
+    scale: Sequence[float],
+    chunks: Sequence[int] | None = None,
+) -> zarr.Group:
+    """Write a Dask array of instance labels as ``labels/<name>`` with a nearest pyramid."""
+    chunks = tuple(chunks) if chunks is not None else tuple(c[0] for c in labels.chunks)
+    group = create_labels(root, name, labels.shape, chunks, labels.dtype)
+    da.store(labels.rechunk(chunks), group["0"], lock=False)
+    finish_labels(root, name, axes, scale)
+    return group
+
+
+# --- run status: an output that is incomplete must never look complete ------------------------
+
+
+def mark_status(group: zarr.Group, status: str, **details: Any) -> None:
+    """Record the run status ('incomplete' or 'complete') and details in the root attributes."""
+    current = dict(group.attrs.get(STATUS_KEY, {}))
+    current.update(details)
+    current["status"] = status
+    group.attrs[STATUS_KEY] = json.loads(json.dumps(current))
+
+
+def run_status(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The run status recorded in a store written by cellulus-scale ({} for other stores)."""
+    node = _open_zarr(Path(path))
+    return dict(node.attrs.get(STATUS_KEY, {})) if isinstance(node, zarr.Group) else {}
+
+
+def check_complete(path: str | os.PathLike[str], command: str = "predict") -> None:
+    """Refuse a store that a run left incomplete, saying how to finish it."""
+    status = run_status(path)
+    if status.get("status") == "incomplete":
+        raise UserInputError(
+            f"{path} is incomplete: a {status.get('command', command)} run was interrupted",
+            "finish it by rerunning the same command with --resume",
+        )
+
+
+def chunk_grid(shape: Sequence[int], chunks: Sequence[int]) -> list[tuple[slice, ...]]:
+    """All chunk-aligned regions of an array, as tuples of slices."""
+    ranges = [range(math.ceil(s / c)) for s, c in zip(shape, chunks, strict=True)]
+    regions = []
+    for index in np.ndindex(*[len(r) for r in ranges]):
+        regions.append(
+            tuple(
+                slice(i * c, min((i + 1) * c, s))
+                for i, c, s in zip(index, chunks, shape, strict=True)
+            )
+        )
+    return regions
