@@ -580,8 +580,9 @@ def make_plan(
 def predict(
     input_path: str | os.PathLike[str],
     output_path: str | os.PathLike[str],
-    model_path: str | os.PathLike[str],
+    model_path: str | os.PathLike[str] | None,
     diameter: float,
+    method: str = "cellulus",
     block_size: int | None = None,
     tta: int = 32,
     mode: str = "cell",
