@@ -57,35 +57,13 @@ def min_object_size(diameter: float, ndim: int) -> float:
     return MIN_SIZE_FRACTION * 4.0 / 3.0 * math.pi * radius**3
 
 
-def watershed_labels(image: np.ndarray, threshold: float, diameter: float) -> np.ndarray:
-    """Segment a 2D or 3D block into instances: threshold, distance transform, seeded watershed.
-
-    Foreground is ``image > threshold``. Seeds are local maxima of the distance transform
-    (smoothed with a Gaussian of sigma ``SEED_SMOOTHING_SIGMA``) at least ``int(diameter / 2)``
-    pixels apart, found per connected component (adjacent maxima, i.e. plateaus, merge into one
-    seed); a component without such a maximum gets one seed at its smoothed-distance maximum.
-    The watershed of ``-distance`` is restricted to the foreground; objects smaller than
-    :func:`min_object_size` are dropped. Returns ``uint32`` labels numbered 1..n (raster order
-    of their seeds), 0 = background. Deterministic.
-    """
-    image = np.asarray(image)
-    if image.ndim not in (2, 3):
-        raise UserInputError(
-            f"image has {image.ndim} dimensions, expected a 2D or 3D block",
-            "segment one frame (one time point, one channel) at a time",
-        )
-    if not (math.isfinite(diameter) and diameter > 0):
-        raise UserInputError(
-            f"diameter must be a positive number of pixels, got {diameter}",
-            "pass the typical object diameter in pixels",
-        )
-    if math.isnan(threshold):
-        raise UserInputError("threshold is NaN", "compute the threshold from a valid histogram")
+def watershed_markers(
+    image: np.ndarray, threshold: float, diameter: float
+) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
+    """Seed markers of the baseline: (markers, count, distance transform, foreground)."""
     foreground = image > threshold
-    labels = np.zeros(image.shape, np.uint32)
     if not foreground.any():
-        return labels
-
+        return np.zeros(image.shape, np.int32), 0, np.zeros(image.shape), foreground
     distance = ndimage.distance_transform_edt(foreground)
     smoothed = ndimage.gaussian_filter(distance, SEED_SMOOTHING_SIGMA) * foreground
     components, n_components = ndimage.label(foreground)
@@ -110,6 +88,61 @@ def watershed_labels(image: np.ndarray, threshold: float, diameter: float) -> np
     peak_mask = np.zeros(image.shape, bool)
     peak_mask[tuple(seeds.T)] = True
     markers, n_markers = ndimage.label(peak_mask)
+    return markers, n_markers, distance, foreground
+
+
+def marker_positions(markers: np.ndarray, count: int) -> np.ndarray:
+    """One representative pixel per marker (its first pixel in raster order), (count, ndim)."""
+    if count == 0:
+        return np.zeros((0, markers.ndim), dtype=np.int64)
+    flat = markers.ravel()
+    order = np.flatnonzero(flat)
+    first = np.unique(flat[order], return_index=True)[1]
+    return np.stack(np.unravel_index(order[first], markers.shape), axis=1)
+
+
+def watershed_from_markers(
+    distance: np.ndarray, foreground: np.ndarray, markers: np.ndarray, diameter: float
+) -> np.ndarray:
+    """Flood ``-distance`` from ``markers`` (any IDs) inside the foreground; drop small objects."""
+    segmented = watershed(-distance, markers, mask=foreground)
+    ids, compact = np.unique(segmented, return_inverse=True)
+    compact = compact.reshape(segmented.shape)
+    sizes = np.bincount(compact.ravel())
+    small = sizes < min_object_size(diameter, segmented.ndim)
+    small[ids == 0] = False
+    segmented[small[compact]] = 0
+    return segmented
+
+
+def watershed_labels(image: np.ndarray, threshold: float, diameter: float) -> np.ndarray:
+    """Segment a 2D or 3D block into instances: threshold, distance transform, seeded watershed.
+
+    Foreground is ``image > threshold``. Seeds are local maxima of the distance transform
+    (smoothed with a Gaussian of sigma ``SEED_SMOOTHING_SIGMA``) at least ``int(diameter / 2)``
+    pixels apart, found per connected component (adjacent maxima, i.e. plateaus, merge into one
+    seed); a component without such a maximum gets one seed at its smoothed-distance maximum.
+    The watershed of ``-distance`` is restricted to the foreground; objects smaller than
+    :func:`min_object_size` are dropped. Returns ``uint32`` labels numbered 1..n (raster order
+    of their seeds), 0 = background. Deterministic.
+    """
+    image = np.asarray(image)
+    if image.ndim not in (2, 3):
+        raise UserInputError(
+            f"image has {image.ndim} dimensions, expected a 2D or 3D block",
+            "segment one frame (one time point, one channel) at a time",
+        )
+    if not (math.isfinite(diameter) and diameter > 0):
+        raise UserInputError(
+            f"diameter must be a positive number of pixels, got {diameter}",
+            "pass the typical object diameter in pixels",
+        )
+    if math.isnan(threshold):
+        raise UserInputError("threshold is NaN", "compute the threshold from a valid histogram")
+    markers, n_markers, distance, foreground = watershed_markers(image, threshold, diameter)
+    labels = np.zeros(image.shape, np.uint32)
+    if n_markers == 0:
+        return labels
     segmented = watershed(-distance, markers, mask=foreground)
 
     sizes = np.bincount(segmented.ravel(), minlength=n_markers + 1)

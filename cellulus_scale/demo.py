@@ -33,21 +33,42 @@ def run_demo(
     output = directory / "segmented.zarr"
     start = time.perf_counter()
     echo(f"1/4 simulating {frames} frames of {size}x{size} into {video}")
-    write_simulation(video, SimulationSpec(frames=frames, shape=(size, size), diameter=diameter,
-                                           seed=seed), overwrite=True)
+    write_simulation(
+        video,
+        SimulationSpec(frames=frames, shape=(size, size), diameter=diameter, seed=seed),
+        overwrite=True,
+    )
     echo(f"2/4 training the cpu preset for up to {minutes:g} min -> {model}")
-    trained = train(video, model, preset="cpu", max_minutes=minutes, seed=seed, overwrite=True,
-                    progress=progress)
+    trained = train(
+        video,
+        model,
+        preset="cpu",
+        max_minutes=minutes,
+        seed=seed,
+        overwrite=True,
+        progress=progress,
+    )
     echo(f"    {trained.steps} steps, final loss {trained.final_loss:.4f}")
     echo(f"3/4 predicting blockwise -> {output}")
-    result = predict(video, output, model, diameter=diameter, block_size=128, mode="nucleus",
-                     overwrite=True, seed=seed, progress=progress)
+    result = predict(
+        video,
+        output,
+        model,
+        diameter=diameter,
+        block_size=128,
+        mode="nucleus",
+        overwrite=True,
+        seed=seed,
+        progress=progress,
+    )
     echo(f"    {result.objects} objects")
     echo("4/4 evaluating against the simulator's ground truth")
     report = evaluate(output, video)
     echo(report.table())
     overall = report.overall
-    echo(f"F1 {overall.f1:.3f}  SEG {overall.seg:.3f}  AP {overall.ap:.3f}"
-         f"  ({time.perf_counter() - start:.0f} s in all)")
+    echo(
+        f"F1 {overall.f1:.3f}  SEG {overall.seg:.3f}  AP {overall.ap:.3f}"
+        f"  ({time.perf_counter() - start:.0f} s in all)"
+    )
     echo(f"Look at it: cellulus-scale preview {output} --frame 0 -o {directory / 'preview.png'}")
     return report

@@ -128,7 +128,10 @@ def _scale_of(multiscale: dict[str, Any], dataset: dict[str, Any], ndim: int) ->
     ):
         for transform in transforms:
             if transform.get("type") == "scale" and "scale" in transform:
-                scale = scale * np.asarray(transform["scale"], dtype=float)
+                values = np.asarray(transform["scale"], dtype=float)
+                if values.shape != (ndim,):
+                    raise ValueError(f"a scale of {values.size} values for {ndim} axes")
+                scale = scale * values
     return tuple(float(v) for v in scale)
 
 
@@ -144,7 +147,8 @@ def open_image(path: str | os.PathLike[str], axes: str | None = None) -> OmeImag
         if axes is None:
             raise UserInputError(
                 f"{path} is a plain zarr array without axis names",
-                "name its axes with --axes (e.g. --axes tyx)",
+                "name its axes with --axes (e.g. --axes tyx; train and predict take it) "
+                "or point at an OME-Zarr image",
             )
         axes = validate_axes(axes, node.ndim)
         check_dtype(node.dtype)
@@ -159,12 +163,22 @@ def open_image(path: str | os.PathLike[str], axes: str | None = None) -> OmeImag
             f"{path} has no OME-Zarr multiscales metadata",
             "point at an OME-Zarr image, or at a zarr array together with --axes",
         )
-    multiscale = multiscales[0]
-    dataset = multiscale["datasets"][0]
-    array = node[dataset["path"]]
-    meta_axes = "".join(
-        (a["name"] if isinstance(a, dict) else a).lower() for a in multiscale.get("axes", [])
-    )
+    try:
+        multiscale = multiscales[0]
+        dataset = multiscale["datasets"][0]
+        array = node[dataset["path"]]
+        if not isinstance(array, zarr.Array):
+            raise TypeError(f"dataset '{dataset['path']}' is not an array")
+        meta_axes = "".join(
+            (a["name"] if isinstance(a, dict) else a).lower() for a in multiscale.get("axes", [])
+        )
+        scale = _scale_of(multiscale, dataset, array.ndim)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
+        raise UserInputError(
+            f"{path} has malformed OME-Zarr multiscales metadata "
+            f"({type(error).__name__}: {' '.join(str(error).split())})",
+            "repair the metadata or point at the full-resolution array together with --axes",
+        ) from None
     if not meta_axes:
         meta_axes = CANONICAL_AXES[-array.ndim :]
     meta_axes = validate_axes(meta_axes, array.ndim, where=f"the axes metadata of {path}")
@@ -182,7 +196,7 @@ def open_image(path: str | os.PathLike[str], axes: str | None = None) -> OmeImag
         path,
         da.from_zarr(array),
         meta_axes,
-        _scale_of(multiscale, dataset, array.ndim),
+        scale,
         version,
         labels,
     )

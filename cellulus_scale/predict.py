@@ -47,6 +47,7 @@ LABELS_NAME = "cellulus"
 EMBEDDINGS_NAME = "embeddings"
 WORK_DIR = ".cellulus-scale"
 HIST_EDGES = np.concatenate([[0.0], np.logspace(-6, 3, 4096)])
+INTENSITY_BINS = 4096
 
 
 # --- the plan: everything a task needs, small and picklable -------------------------------
@@ -299,6 +300,59 @@ def oce_task(plan: Plan, frame: int, block: Block) -> dict[str, np.ndarray]:
     return result
 
 
+def _intensity(plan: Plan, frame: int, region: Sequence[slice]) -> np.ndarray:
+    """Raw intensity of a frame region, averaged over channels, as float32."""
+    indices = [np.arange(r.start, r.stop) for r in region]
+    raw = _frame_region(plan, frame, indices)
+    _check_finite(raw, plan, frame)
+    return raw.astype(np.float32).mean(axis=0)
+
+
+def range_task(plan: Plan, frame: int, block: Block) -> dict[str, np.ndarray]:
+    """Watershed baseline, pass 1: intensity range of one block."""
+    values = _intensity(plan, frame, block.core)
+    return {"low": np.array(values.min()), "high": np.array(values.max())}
+
+
+def intensity_task(
+    plan: Plan, frame: int, block: Block, low: float, high: float
+) -> dict[str, np.ndarray]:
+    """Watershed baseline, pass 2: copy the image block, histogram its intensity."""
+    marker = _marker(plan, "oce", frame, block)
+    done = _load_marker(marker)
+    if done is not None:
+        return done
+    indices = [np.arange(r.start, r.stop) for r in block.core]
+    raw = _frame_region(plan, frame, indices)
+    _check_finite(raw, plan, frame)
+    copy = _array(plan.output_path, "0")
+    copy[_output_index(plan, frame, block.core, slice(None))] = _squeeze_like(
+        plan, raw.astype(copy.dtype), True
+    )
+    values = raw.astype(np.float32).mean(axis=0)
+    counts, _ = np.histogram(values, bins=INTENSITY_BINS, range=(low, max(high, low + 1e-6)))
+    result = {
+        "counts": counts.astype(np.int64),
+        "signal": np.array(bool(values.size and values.max() > values.min())),
+        "frame": np.array(frame),
+        "low": np.array(low),
+        "high": np.array(high),
+    }
+    _save_marker(marker, **result)
+    return result
+
+
+def _watershed_inputs(plan: Plan, stats: Statistics, frame: int, block: Block):
+    from cellulus_scale.baseline import watershed_markers
+
+    region = block.grown(plan.segmentation.clustering_halo, plan.spatial_shape)
+    values = _intensity(plan, frame, region)
+    markers, count, distance, foreground = watershed_markers(
+        values, stats.threshold, plan.segmentation.diameter
+    )
+    return region, markers, count, distance, foreground
+
+
 def _write_embeddings(plan: Plan, frame: int, block: Block, values: np.ndarray) -> None:
     array = _array(plan.output_path, f"{EMBEDDINGS_NAME}/0")
     index = (frame, slice(None)) + block.core
@@ -315,10 +369,22 @@ def compute_statistics(plan: Plan, results: Sequence[dict[str, np.ndarray]]) -> 
     from skimage.filters import threshold_otsu
 
     counts = np.sum([r["counts"] for r in results], axis=0)
-    sums = np.sum([r["offset_sums"] for r in results], axis=0)
     signal = [False] * plan.frames
     for r in results:
         signal[int(r["frame"])] |= bool(r["signal"])
+    if plan.method == "watershed":
+        from cellulus_scale.baseline import otsu_from_histogram
+
+        low, high = float(results[0]["low"]), float(results[0]["high"])
+        edges = np.linspace(low, max(high, low + 1e-6), INTENSITY_BINS + 1)
+        threshold = (
+            float(plan.segmentation.threshold)
+            if plan.segmentation.threshold is not None
+            else otsu_from_histogram(counts, edges)
+        )
+        fraction = float(counts[edges[1:] > threshold].sum() / max(1, counts.sum()))
+        return Statistics(threshold, (0.0,) * plan.spatial_dims, tuple(signal), fraction)
+    sums = np.sum([r["offset_sums"] for r in results], axis=0)
     centres = 0.5 * (HIST_EDGES[:-1] + HIST_EDGES[1:])
     if plan.segmentation.threshold is not None:
         threshold = float(plan.segmentation.threshold)
@@ -362,7 +428,14 @@ def centres_task(plan: Plan, stats: Statistics, frame: int, block: Block) -> dic
         return done
     seg = plan.segmentation
     centres = np.zeros((0, plan.spatial_dims))
-    if stats.frames_with_signal[frame]:
+    if stats.frames_with_signal[frame] and plan.method == "watershed":
+        region, markers, count, _, _ = _watershed_inputs(plan, stats, frame, block)
+        from cellulus_scale.baseline import marker_positions
+
+        centres = marker_positions(markers, count) + np.array([r.start for r in region])
+        owners = owner_index(centres, plan.spatial_shape, plan.block_size)
+        centres = centres[np.all(owners == np.asarray(block.index), axis=1)].astype(float)
+    elif stats.frames_with_signal[frame]:
         region, embeddings, foreground = _grown_embeddings(plan, stats, frame, block)
         sample = fit_sample_mask(
             foreground.shape, [r.start for r in region], frame, seg.seed, seg.fit_fraction
@@ -407,7 +480,22 @@ def labels_task(
     seg = plan.segmentation
     target = _array(plan.output_path, f"labels/{LABELS_NAME}/0")
     core_labels = np.zeros(block.shape, dtype=target.dtype)
-    if stats.frames_with_signal[frame] and len(centres):
+    if stats.frames_with_signal[frame] and len(centres) and plan.method == "watershed":
+        from cellulus_scale.baseline import watershed_from_markers
+
+        region, _, _, distance, foreground = _watershed_inputs(plan, stats, frame, block)
+        origin = np.array([r.start for r in region])
+        local = np.round(centres).astype(np.int64) - origin
+        inside = np.all((local >= 0) & (local < np.array(foreground.shape)), axis=1)
+        markers = np.zeros(foreground.shape, dtype=np.int64)
+        markers[tuple(local[inside].T)] = ids[inside].astype(np.int64)
+        labels = watershed_from_markers(distance, foreground, markers, seg.diameter)
+        inner = tuple(
+            slice(a - r.start, b - r.start)
+            for a, b, r in zip(block.start, block.stop, region, strict=True)
+        )
+        core_labels = labels[inner].astype(target.dtype)
+    elif stats.frames_with_signal[frame] and len(centres):
         region, embeddings, foreground = _grown_embeddings(plan, stats, frame, block)
         reach = seg.assign_distance + seg.clustering_halo
         low = np.array([r.start for r in region]) - reach
@@ -478,7 +566,9 @@ def _run_stage(
     futures = [client.submit(function, *a, pure=False, retries=2) for a in args]
     index = {f.key: i for i, f in enumerate(futures)}
     results: list[Any] = [None] * len(futures)
-    with tqdm(total=len(futures), desc=name, unit="block", disable=not progress) as bar:
+    with tqdm(
+        total=len(futures), desc=name, unit="block", disable=None if progress else True
+    ) as bar:
         try:
             for future in as_completed(futures):
                 results[index[future.key]] = future.result()
@@ -546,34 +636,37 @@ def make_plan(
     output_path: str | os.PathLike[str],
     model_path: str | os.PathLike[str],
     segmentation: SegmentationConfig,
-    checkpoint: Checkpoint,
+    checkpoint: Checkpoint | None,
     block_size: int | None,
     device: str,
+    method: str = "cellulus",
 ) -> Plan:
     """Check the inputs against each other and fix every setting of the run."""
     frames, channels, depth, height, width = image.canonical_shape
     spatial = (depth, height, width) if image.spatial_dims == 3 else (height, width)
-    check_compatible(checkpoint, image.spatial_dims, channels, str(image.path))
+    if checkpoint is not None:
+        check_compatible(checkpoint, image.spatial_dims, channels, str(image.path))
     if segmentation.diameter > min(spatial):
         raise UserInputError(
             f"--diameter {segmentation.diameter:g} is larger than the frame ({'x'.join(map(str, spatial))})",
             "give the typical object diameter in pixels",
         )
-    model_depth = checkpoint.model_config.depth
+    model_depth = checkpoint.model_config.depth if checkpoint is not None else 0
     size = block_size if block_size is not None else default_block_size(image.spatial_dims)
     check_block_size(size, model_depth, segmentation.diameter)
     return Plan(
         input_path=str(image.path),
         input_axes=image.axes,
         output_path=str(Path(output_path)),
-        model_path=str(Path(model_path).resolve()),
+        model_path=str(Path(model_path).resolve()) if model_path is not None else "",
         segmentation=segmentation,
         block_size=tuple(min(size, s) if s >= size else size for s in spatial),
         frames=frames,
         channels=channels,
         spatial_shape=spatial,
-        network_context=context(model_depth),
+        network_context=context(model_depth) if checkpoint is not None else 0,
         device=device,
+        method=method,
     )
 
 
@@ -621,8 +714,17 @@ def predict(
         clustering=clustering,
         seed=seed,
     )
-    checkpoint = load_checkpoint(model_path, kind="oce")
-    plan = make_plan(image, output_path, model_path, segmentation, checkpoint, block_size, device)
+    if method not in ("cellulus", "watershed"):
+        raise UserInputError(f"unknown method '{method}'", "use cellulus or watershed")
+    if method == "cellulus":
+        if model_path is None:
+            raise UserInputError("--model is missing", "pass --model MODEL.pt from 'train'")
+        checkpoint = load_checkpoint(model_path, kind="oce")
+    else:
+        checkpoint = None
+    plan = make_plan(
+        image, output_path, model_path, segmentation, checkpoint, block_size, device, method
+    )
     if not resume:
         ome_io.check_output_path(plan.output_path, overwrite, inputs=[image.path])
     timings: dict[str, float] = {}
@@ -643,7 +745,21 @@ def predict(
 
         start = time.perf_counter()
         recomputed["oce"] = len(work) - _count_done(plan, "oce", work)
-        oce = _run_stage(dask, "OCEs", oce_task, [(plan, f, b) for f, b in work], progress)
+        if plan.method == "watershed":
+            ranges = _run_stage(
+                dask, "range", range_task, [(plan, f, b) for f, b in work], progress
+            )
+            low = min(float(r["low"]) for r in ranges)
+            high = max(float(r["high"]) for r in ranges)
+            oce = _run_stage(
+                dask,
+                "intensity",
+                intensity_task,
+                [(plan, f, b, low, high) for f, b in work],
+                progress,
+            )
+        else:
+            oce = _run_stage(dask, "OCEs", oce_task, [(plan, f, b) for f, b in work], progress)
         timings["network"] = time.perf_counter() - start
 
         start = time.perf_counter()

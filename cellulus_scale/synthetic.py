@@ -1,4 +1,4 @@
-"""Write a simulated time-lapse with ground truth as an OME-Zarr store (``cellulus-scale simulate``)."""
+"""Write a simulated time-lapse with ground truth to OME-Zarr (``cellulus-scale simulate``)."""
 
 from __future__ import annotations
 

@@ -232,7 +232,7 @@ def train(
     final_loss = math.nan
     stopped_early = False
     model.train()
-    bar = tqdm(total=total_steps, initial=step, disable=not progress, desc="train", unit="step")
+    bar = tqdm(total=total_steps, initial=step, disable=None if progress else True, desc="train", unit="step")
     log_handle = log_path.open("a", newline="")
     log = csv.writer(log_handle)
     try:

@@ -29,7 +29,9 @@ def user_errors(function: Callable[..., Any]) -> Callable[..., Any]:
         except UserInputError as error:
             _fail(str(error))
         except KeyboardInterrupt:
-            _fail("interrupted; an unfinished output is marked incomplete (rerun with --resume)", 130)
+            _fail(
+                "interrupted; an unfinished output is marked incomplete (rerun with --resume)", 130
+            )
         except MemoryError:
             _fail("out of memory; use a smaller --block-size or fewer --workers")
         except OSError as error:
@@ -44,10 +46,32 @@ def _shape(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise click.BadParameter(f"'{text}' is not a comma-separated list of integers") from None
+        raise UserInputError(
+            f"--shape '{text}' is not a comma-separated list of integers",
+            "use e.g. --shape 256,256",
+        ) from None
+
+
+class OneLineErrors(click.Group):
+    """A click group whose usage errors are one line (problem and fix), exit code 2."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.exceptions.Exit as done:
+            sys.exit(done.exit_code)
+        except click.Abort:
+            _fail("aborted", 130)
+        except click.UsageError as error:
+            command = error.ctx.command_path if error.ctx else "cellulus-scale"
+            _fail(f"{error.format_message().rstrip('.')}; see '{command} --help'")
+        except click.ClickException as error:
+            _fail(error.format_message())
 
 
 @click.group(
+    cls=OneLineErrors,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog="\b\nExample:\n  cellulus-scale demo demo_output",
 )
@@ -56,7 +80,9 @@ def main() -> None:
     """Unsupervised cell instance segmentation (Cellulus) of OME-Zarr time-lapses on Dask."""
 
 
-@main.command(epilog="\b\nExample:\n  cellulus-scale simulate demo.zarr --frames 5 --shape 256,256 --seed 1")
+@main.command(
+    epilog="\b\nExample:\n  cellulus-scale simulate demo.zarr --frames 5 --shape 256,256 --seed 1"
+)
 @click.argument("output", type=click.Path(path_type=Path))
 @click.option("--frames", default=5, show_default=True, help="Number of time points.")
 @click.option("--shape", "shape", default="256,256", show_default=True, help="Frame size Y,X.")
@@ -67,45 +93,81 @@ def main() -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @user_errors
-def simulate(output: Path, frames: int, shape: str, depth: int | None, diameter: float,
-             granules: bool, density: float, seed: int, overwrite: bool) -> None:
-    """Simulate a nuclei time-lapse with ground-truth labels (NGFF labels 'ground_truth').
-    """
+def simulate(
+    output: Path,
+    frames: int,
+    shape: str,
+    depth: int | None,
+    diameter: float,
+    granules: bool,
+    density: float,
+    seed: int,
+    overwrite: bool,
+) -> None:
+    """Simulate a nuclei time-lapse with ground-truth labels (NGFF labels 'ground_truth')."""
     from cellulus_scale.simulate import SimulationSpec
     from cellulus_scale.synthetic import write_simulation
 
     size = _shape(shape)
-    spec = SimulationSpec(frames=frames, shape=(depth, *size) if depth else size,
-                          diameter=diameter, granules=granules, seed=seed, density=density)
+    spec = SimulationSpec(
+        frames=frames,
+        shape=(depth, *size) if depth is not None else size,
+        diameter=diameter,
+        granules=granules,
+        seed=seed,
+        density=density,
+    )
     path = write_simulation(output, spec, overwrite=overwrite)
     click.echo(f"wrote {path} ({frames} frames of {'x'.join(map(str, spec.shape))})")
 
 
-@main.command(epilog="\b\nExample:\n  cellulus-scale train demo.zarr model.pt --preset cpu --max-minutes 5")
+@main.command(
+    epilog="\b\nExample:\n  cellulus-scale train demo.zarr model.pt --preset cpu --max-minutes 5"
+)
 @click.argument("image", type=click.Path(path_type=Path))
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--preset", type=click.Choice(["paper", "cpu"]), default="paper", show_default=True,
-              help="paper: the paper's settings; cpu: small model that learns in minutes on a CPU.")
+@click.option(
+    "--preset",
+    type=click.Choice(["paper", "cpu"]),
+    default="paper",
+    show_default=True,
+    help="paper: the paper's settings; cpu: small model that learns in minutes on a CPU.",
+)
 @click.option("--epochs", type=int, default=None, help="Override the preset's epoch count.")
 @click.option("--max-minutes", type=float, default=None, help="Stop cleanly (and save) after this.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-              show_default=True)
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--axes", default=None, help="Axis names of a plain zarr array, e.g. tyx.")
 @click.option("--crop-size", type=int, default=None, help="Crop side (preset default).")
 @click.option("--batch-size", type=int, default=None, help="Crops per batch (preset default).")
 @click.option("--learning-rate", type=float, default=None, help="Adam learning rate.")
 @click.option("--feature-maps", type=int, default=None, help="Feature maps of the first level.")
-@click.option("--damping", type=click.Choice(["seed", "reference"]), default=None,
-              help="seed: 1/(1+exp(-x/tau)); reference: 1-exp(-x/tau).")
+@click.option(
+    "--damping",
+    type=click.Choice(["seed", "reference"]),
+    default=None,
+    help="seed: 1/(1+exp(-x/tau)); reference: 1-exp(-x/tau).",
+)
 @click.option("--elastic", is_flag=True, default=None, help="Elastic augmentation.")
 @click.option("--num-workers", type=int, default=None, help="DataLoader worker processes.")
 @click.option("--resume", is_flag=True, help="Continue training MODEL exactly where it stopped.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing MODEL.")
 @user_errors
-def train(image: Path, model: Path, preset: str, epochs: int | None, max_minutes: float | None,
-          device: str, seed: int, axes: str | None, resume: bool, overwrite: bool,
-          **options: Any) -> None:
+def train(
+    image: Path,
+    model: Path,
+    preset: str,
+    epochs: int | None,
+    max_minutes: float | None,
+    device: str,
+    seed: int,
+    axes: str | None,
+    resume: bool,
+    overwrite: bool,
+    **options: Any,
+) -> None:
     """Self-supervised OCE training on random crops of IMAGE; writes MODEL (.pt), a CSV loss
     log and a PNG loss plot beside it.
 
@@ -115,34 +177,69 @@ def train(image: Path, model: Path, preset: str, epochs: int | None, max_minutes
     from cellulus_scale.train import train as run_training
 
     overrides = {k: v for k, v in options.items() if v is not None}
-    result = run_training(image, model, preset=preset, axes=axes, epochs=epochs,
-                          max_minutes=max_minutes, device=device, seed=seed, resume=resume,
-                          overwrite=overwrite, **overrides)
+    result = run_training(
+        image,
+        model,
+        preset=preset,
+        axes=axes,
+        epochs=epochs,
+        max_minutes=max_minutes,
+        device=device,
+        seed=seed,
+        resume=resume,
+        overwrite=overwrite,
+        **overrides,
+    )
     state = "stopped at the time limit" if result.stopped_early else "finished"
-    click.echo(f"{state}: {result.steps}/{result.total_steps} steps, loss {result.final_loss:.4f},"
-               f" {result.seconds:.0f} s, {100 * result.data_wait_fraction:.1f}% waiting for data;"
-               f" wrote {result.checkpoint}")
+    click.echo(
+        f"{state}: {result.steps}/{result.total_steps} steps, loss {result.final_loss:.4f},"
+        f" {result.seconds:.0f} s, {100 * result.data_wait_fraction:.1f}% waiting for data;"
+        f" wrote {result.checkpoint}"
+    )
 
 
-@main.command(epilog="\b\nExample:\n  cellulus-scale predict demo.zarr segmented.zarr --model model.pt --diameter 24")
+@main.command(
+    epilog="\b\nExample:\n  cellulus-scale predict demo.zarr segmented.zarr --model model.pt --diameter 24"
+)
 @click.argument("image", type=click.Path(path_type=Path))
 @click.argument("output", type=click.Path(path_type=Path))
-@click.option("--model", "model", type=click.Path(path_type=Path), default=None,
-              help="Checkpoint from 'train' (not needed for --method watershed).")
+@click.option(
+    "--model",
+    "model",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Checkpoint from 'train' (not needed for --method watershed).",
+)
 @click.option("--diameter", type=float, required=True, help="Typical object diameter in pixels.")
-@click.option("--method", type=click.Choice(["cellulus", "watershed"]), default="cellulus",
-              show_default=True, help="watershed: the classical baseline, same machinery.")
+@click.option(
+    "--method",
+    type=click.Choice(["cellulus", "watershed"]),
+    default="cellulus",
+    show_default=True,
+    help="watershed: the classical baseline, same machinery.",
+)
 @click.option("--block-size", type=int, default=None, help="Block side (256 in 2D, 64 in 3D).")
 @click.option("--tta", type=int, default=32, show_default=True, help="Test-time noise passes.")
-@click.option("--mode", type=click.Choice(["cell", "nucleus", "none"]), default="cell",
-              show_default=True, help="Post-processing.")
+@click.option(
+    "--mode",
+    type=click.Choice(["cell", "nucleus", "none"]),
+    default="cell",
+    show_default=True,
+    help="Post-processing.",
+)
 @click.option("--threshold", type=float, default=None, help="Foreground std threshold (Otsu).")
-@click.option("--clustering", type=click.Choice(["meanshift", "sklearn"]), default="meanshift",
-              show_default=True, help="sklearn: scikit-learn's MeanShift, the reference.")
+@click.option(
+    "--clustering",
+    type=click.Choice(["meanshift", "sklearn"]),
+    default="meanshift",
+    show_default=True,
+    help="sklearn: scikit-learn's MeanShift, the reference.",
+)
 @click.option("--scheduler", default=None, help="Address of a Dask scheduler (tcp:// or tls://).")
 @click.option("--workers", type=int, default=None, help="Local workers (default: one per core).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-              show_default=True)
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
 @click.option("--axes", default=None, help="Axis names of a plain zarr array, e.g. tyx.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--save-embeddings", is_flag=True, help="Keep offsets and std as an NGFF image.")
@@ -156,26 +253,41 @@ def predict(image: Path, output: Path, model: Path | None, **options: Any) -> No
     from cellulus_scale.predict import predict as run_prediction
 
     if options["method"] == "cellulus" and model is None:
-        raise UserInputError("--model is missing", "pass --model MODEL.pt from 'cellulus-scale train'")
+        raise UserInputError(
+            "--model is missing", "pass --model MODEL.pt from 'cellulus-scale train'"
+        )
     result = run_prediction(image, output, model, **options)
     total = sum(result.seconds.values())
-    click.echo(f"wrote {result.output}: {result.objects} objects in {result.blocks} block tasks,"
-               f" {total:.1f} s")
+    click.echo(
+        f"wrote {result.output}: {result.objects} objects in {result.blocks} block tasks,"
+        f" {total:.1f} s"
+    )
 
 
-@main.command(epilog="\b\nExample:\n  cellulus-scale evaluate segmented.zarr --truth demo.zarr --json scores.json")
+@main.command(
+    epilog="\b\nExample:\n  cellulus-scale evaluate segmented.zarr --truth demo.zarr --json scores.json"
+)
 @click.argument("prediction", type=click.Path(path_type=Path))
-@click.option("--truth", type=click.Path(path_type=Path), default=None,
-              help="Store holding the ground truth (default: PREDICTION itself).")
+@click.option(
+    "--truth",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Store holding the ground truth (default: PREDICTION itself).",
+)
 @click.option("--pred-labels", default="cellulus", show_default=True)
 @click.option("--truth-labels", default="ground_truth", show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), default=None)
 @user_errors
-def evaluate(prediction: Path, truth: Path | None, pred_labels: str, truth_labels: str,
-             json_path: Path | None, csv_path: Path | None) -> None:
-    """Score instance labels against ground truth: F1 at IoU 0.5, SEG, AP 0.5:0.95, per frame.
-    """
+def evaluate(
+    prediction: Path,
+    truth: Path | None,
+    pred_labels: str,
+    truth_labels: str,
+    json_path: Path | None,
+    csv_path: Path | None,
+) -> None:
+    """Score instance labels against ground truth: F1 at IoU 0.5, SEG, AP 0.5:0.95, per frame."""
     from cellulus_scale.evaluate import evaluate as run_evaluation
 
     report = run_evaluation(prediction, truth, pred_labels, truth_labels)
@@ -186,16 +298,22 @@ def evaluate(prediction: Path, truth: Path | None, pred_labels: str, truth_label
         report.to_csv(csv_path)
 
 
-@main.command(epilog="\b\nExample:\n  cellulus-scale preview segmented.zarr --frame 0 -o preview.png")
+@main.command(
+    epilog="\b\nExample:\n  cellulus-scale preview segmented.zarr --frame 0 -o preview.png"
+)
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--frame", type=int, default=0, show_default=True)
 @click.option("--labels", default="cellulus", show_default=True)
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("preview.png"),
-              show_default=True)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=Path("preview.png"),
+    show_default=True,
+)
 @user_errors
 def preview(store: Path, frame: int, labels: str, output: Path) -> None:
-    """Draw one frame with instance outlines in distinct colours to a PNG.
-    """
+    """Draw one frame with instance outlines in distinct colours to a PNG."""
     from cellulus_scale.snapshot import preview_frame
 
     click.echo(f"wrote {preview_frame(store, frame, output, labels)}")

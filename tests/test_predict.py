@@ -1,0 +1,285 @@
+"""Blockwise prediction end to end: equality with whole-frame prediction, stitching, clusters."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from distributed import Client, LocalCluster
+
+from cellulus_scale.metrics import match_pairs, overlap_table
+from cellulus_scale.ome_io import open_labels
+from cellulus_scale.predict import predict
+from cellulus_scale.simulate import SimulationSpec
+from cellulus_scale.synthetic import write_simulation
+from cellulus_scale.train import train
+
+SHAPE = (200, 232)  # 96 and 128 do not divide it
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("predict")
+
+
+@pytest.fixture(scope="module")
+def video(workdir: Path) -> Path:
+    return write_simulation(workdir / "video.zarr", SimulationSpec(frames=2, shape=SHAPE, seed=3))
+
+
+@pytest.fixture(scope="module")
+def model(workdir: Path, video: Path) -> Path:
+    path = workdir / "model.pt"
+    train(video, path, preset="cpu", epochs=1, min_crops_per_epoch=480, progress=False, seed=0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def client() -> Client:
+    cluster = LocalCluster(
+        n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None
+    )
+    with Client(cluster) as dask:
+        yield dask
+    cluster.close()
+
+
+def run(video: Path, model: Path, out: Path, client: Client, **options) -> Path:
+    settings = {"diameter": 24, "tta": 4, "overwrite": True, "progress": False}
+    settings.update(options)
+    predict(video, out, model, client=client, **settings)
+    return out
+
+
+def labels_of(path: Path) -> np.ndarray:
+    return open_labels(path, "cellulus").data.compute()
+
+
+def f1_at(truth: np.ndarray, pred: np.ndarray, threshold: float) -> float:
+    table = overlap_table(truth, pred)
+    matched = len(match_pairs(table, threshold)[0])
+    total = table.n_true + table.n_pred
+    return 1.0 if total == 0 else 2 * matched / total
+
+
+def tree_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def test_blockwise_embeddings_equal_whole_frame(video, model, workdir, client):
+    whole = run(
+        video, model, workdir / "e_whole.zarr", client, block_size=256, save_embeddings=True
+    )
+    reference = zarr.open_array(str(whole / "embeddings" / "0"), mode="r")[:]
+    assert reference.shape == (2, 3, *SHAPE)
+    for size in (64, 96):
+        out = run(
+            video, model, workdir / f"e_{size}.zarr", client, block_size=size, save_embeddings=True
+        )
+        blockwise = zarr.open_array(str(out / "embeddings" / "0"), mode="r")[:]
+        assert np.abs(blockwise - reference).max() < 1e-4
+
+
+def test_labels_do_not_depend_on_block_size(video, model, workdir, client):
+    results = {
+        size: labels_of(run(video, model, workdir / f"l_{size}.zarr", client, block_size=size))
+        for size in (96, 128, 256)
+    }
+    whole = results[256]
+    assert len(np.unique(whole)) > 20
+    for size in (96, 128):
+        for frame in range(whole.shape[0]):
+            assert f1_at(whole[frame], results[size][frame], 0.9) >= 0.99
+
+
+def test_border_nuclei_get_one_id_and_ids_are_unique_across_frames(video, model, workdir, client):
+    labels = labels_of(run(video, model, workdir / "border.zarr", client, block_size=96))
+    truth = open_labels(video, "ground_truth").data.compute()
+    crossing = 0
+    for frame in range(labels.shape[0]):
+        for nucleus in np.unique(truth[frame][:, 90:102]):
+            if nucleus == 0:
+                continue
+            mask = truth[frame] == nucleus
+            left = labels[frame][:, :96][mask[:, :96]]
+            right = labels[frame][:, 96:][mask[:, 96:]]
+            left, right = left[left > 0], right[right > 0]
+            if len(left) < 20 or len(right) < 20:
+                continue
+            crossing += 1
+            assert np.bincount(left).argmax() == np.bincount(right).argmax()
+    assert crossing >= 3
+    ids = [set(np.unique(frame)) - {0} for frame in labels]
+    assert ids[0] and ids[1] and not ids[0] & ids[1]
+
+
+def test_local_cluster_and_dask_processes_give_identical_labels(video, model, workdir, client):
+    local = labels_of(run(video, model, workdir / "local.zarr", client, block_size=128))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    scheduler = subprocess.Popen(
+        [
+            bindir / "dask",
+            "scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-dashboard",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    workers = [
+        subprocess.Popen(
+            [
+                bindir / "dask",
+                "worker",
+                address,
+                "--nthreads",
+                "1",
+                "--host",
+                "127.0.0.1",
+                "--no-dashboard",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(2)
+    ]
+    try:
+        with Client(address, timeout=30) as remote:
+            remote.wait_for_workers(2, timeout=60)
+            out = workdir / "remote.zarr"
+            result = subprocess.run(
+                [
+                    bindir / "cellulus-scale",
+                    "predict",
+                    video,
+                    out,
+                    "--model",
+                    model,
+                    "--diameter",
+                    "24",
+                    "--tta",
+                    "4",
+                    "--block-size",
+                    "128",
+                    "--scheduler",
+                    address,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert result.returncode == 0, result.stderr
+        assert np.array_equal(labels_of(out), local)
+    finally:
+        for process in [*workers, scheduler]:
+            process.terminate()
+        for process in [*workers, scheduler]:
+            process.wait(timeout=30)
+
+
+def test_watershed_baseline_runs_through_the_same_machinery(video, workdir, client):
+    out = workdir / "watershed.zarr"
+    predict(
+        video,
+        out,
+        None,
+        diameter=24,
+        method="watershed",
+        block_size=96,
+        client=client,
+        progress=False,
+    )
+    labels = labels_of(out)
+    truth = open_labels(video, "ground_truth").data.compute()
+    assert f1_at(truth[0], labels[0], 0.5) > 0.7
+
+
+def cli(*args: object) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "cellulus-scale"
+    return subprocess.run([exe, *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def expect_refusal(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for word in words:
+        assert word in lines[0]
+
+
+def test_bad_input_is_refused_with_one_line_and_the_input_untouched(video, model, workdir):
+    before = tree_hash(video)
+    out = workdir / "refused.zarr"
+    expect_refusal(cli("predict", video, out, "--diameter", "24"), "--model")
+    expect_refusal(cli("predict", video, out, "--model", model), "--diameter")
+    for diameter in ("0", "-3", "nan"):
+        expect_refusal(
+            cli("predict", video, out, "--model", model, "--diameter", diameter), "diameter"
+        )
+    expect_refusal(
+        cli("predict", video, out, "--model", model, "--diameter", "500"), "larger than the frame"
+    )
+    expect_refusal(
+        cli("predict", video, out, "--model", model, "--diameter", "24", "--block-size", "8"),
+        "block size",
+    )
+    started = time.perf_counter()
+    expect_refusal(
+        cli(
+            "predict",
+            video,
+            out,
+            "--model",
+            model,
+            "--diameter",
+            "24",
+            "--scheduler",
+            "tcp://127.0.0.1:9",
+        ),
+        "tcp://127.0.0.1:9",
+    )
+    assert time.perf_counter() - started < 60
+    other = workdir / "model3d.pt"
+    from cellulus_scale.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from cellulus_scale.config import ModelConfig
+    from cellulus_scale.model import UNet
+
+    checkpoint = load_checkpoint(model)
+    config = ModelConfig(spatial_dims=3, feature_maps=4)
+    save_checkpoint(
+        Checkpoint("oce", config, checkpoint.normalisation, UNet(config).state_dict(), "tzyx"),
+        other,
+    )
+    expect_refusal(cli("predict", video, out, "--model", other, "--diameter", "24"), "3D")
+    assert not out.exists()
+    existing = workdir / "existing.zarr"
+    existing.mkdir()
+    expect_refusal(
+        cli("predict", video, existing, "--model", model, "--diameter", "24"), "--overwrite"
+    )
+    shutil.rmtree(existing)
+    assert tree_hash(video) == before
