@@ -4,7 +4,7 @@ region it reads around it. Spatial only; frames are handled by the caller."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,10 +47,6 @@ def block_grid(shape: Sequence[int], block_size: Sequence[int]) -> list[Block]:
         stop = tuple(min(a + b, s) for a, b, s in zip(start, block_size, shape, strict=True))
         blocks.append(Block(tuple(int(i) for i in index), start, stop))
     return blocks
-
-
-def iter_grid(shape: Sequence[int], block_size: Sequence[int]) -> Iterator[Block]:
-    yield from block_grid(shape, block_size)
 
 
 def owner_index(points: np.ndarray, shape: Sequence[int], block_size: Sequence[int]) -> np.ndarray:

@@ -59,6 +59,22 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike[str]) -> Non
     os.replace(temporary, path)
 
 
+def _unreadable(path: Path, error: Exception) -> str:
+    """Why torch.load failed, in words: not a PyTorch file, damaged, or not plain values."""
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    if not head:
+        return "the file is empty"
+    message = str(error)
+    if head == b"PK\x03\x04":  # torch.save writes a zip archive
+        if "Weights only load failed" in message:
+            return "it holds Python objects, not only tensors and plain values"
+        return "the file is truncated or damaged"
+    if head[:1] == b"\x80":  # a legacy pickle
+        return "an old-style pickle, not a checkpoint of this program"
+    return "not a PyTorch file"
+
+
 def load_checkpoint(path: str | os.PathLike[str], kind: str | None = None) -> Checkpoint:
     """Load and check a checkpoint; bad files give a UserInputError naming the problem."""
     path = Path(path)
@@ -69,9 +85,8 @@ def load_checkpoint(path: str | os.PathLike[str], kind: str | None = None) -> Ch
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
         raise UserInputError(
-            f"{path} is not a readable cellulus-scale checkpoint ({reason})",
+            f"{path} is not a readable cellulus-scale checkpoint ({_unreadable(path, error)})",
             "pass a MODEL.pt written by 'cellulus-scale train'",
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -79,24 +94,38 @@ def load_checkpoint(path: str | os.PathLike[str], kind: str | None = None) -> Ch
             f"{path} is not a cellulus-scale checkpoint (it comes from another program or model)",
             "pass a MODEL.pt written by 'cellulus-scale train'",
         )
-    if kind is not None and payload["kind"] != kind:
+    if payload.get("format_version") != FORMAT_VERSION:
         raise UserInputError(
-            f"{path} holds a '{payload['kind']}' model, but a '{kind}' model is needed here",
-            "pass a checkpoint of the right kind",
+            f"{path} is a checkpoint of format version {payload.get('format_version')}, but this"
+            f" version of cellulus-scale reads version {FORMAT_VERSION}",
+            "use the matching cellulus-scale version, or retrain",
         )
-    config = ModelConfig.from_dict(payload["model_config"])
-    checkpoint = Checkpoint(
-        kind=payload["kind"],
-        model_config=config,
-        normalisation=Normalisation(**payload["normalisation"]),
-        state_dict=payload["state_dict"],
-        data_axes=payload["data_axes"],
-        train_config=payload.get("train_config", {}),
-        training_state=payload.get("training_state", {}),
-    )
+    try:
+        if kind is not None and payload["kind"] != kind:
+            raise UserInputError(
+                f"{path} holds a '{payload['kind']}' model, but a '{kind}' model is needed here",
+                "pass a checkpoint of the right kind",
+            )
+        config = ModelConfig.from_dict(payload["model_config"])
+        checkpoint = Checkpoint(
+            kind=payload["kind"],
+            model_config=config,
+            normalisation=Normalisation(**payload["normalisation"]),
+            state_dict=payload["state_dict"],
+            data_axes=payload["data_axes"],
+            train_config=payload.get("train_config", {}),
+            training_state=payload.get("training_state", {}),
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        if isinstance(error, UserInputError):
+            raise
+        raise UserInputError(
+            f"{path}: the checkpoint is incomplete or damaged ({type(error).__name__}: {error})",
+            "retrain or use another checkpoint",
+        ) from None
     try:
         UNet(config).load_state_dict(checkpoint.state_dict)
-    except RuntimeError:
+    except (RuntimeError, ValueError, TypeError):
         raise UserInputError(
             f"{path}: the weights do not match the model configuration stored with them",
             "the file is damaged; retrain or use another checkpoint",

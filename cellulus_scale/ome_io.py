@@ -337,7 +337,7 @@ def finish_multiscale(
 
 
 def write_image(
-    path_or_group: Path | zarr.Group,
+    path_or_group: str | os.PathLike[str] | zarr.Group,
     data: da.Array,
     axes: str,
     scale: Sequence[float],
@@ -345,7 +345,10 @@ def write_image(
     chunks: Sequence[int] | None = None,
 ) -> zarr.Group:
     """Write a Dask array as an NGFF 0.4 image with a pyramid, chunk by chunk."""
-    group = create_group(path_or_group) if isinstance(path_or_group, Path) else path_or_group
+    if isinstance(path_or_group, (str, os.PathLike)):
+        group = create_group(Path(path_or_group))
+    else:
+        group = path_or_group
     chunks = tuple(chunks) if chunks is not None else tuple(c[0] for c in data.chunks)
     target = create_level0(group, data.shape, chunks, data.dtype)
     da.store(data.rechunk(chunks), target, lock=False)

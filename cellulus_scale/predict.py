@@ -208,13 +208,13 @@ def _output_index(plan: Plan, frame: int, core: Sequence[slice], channels: slice
     return tuple(index)
 
 
-def _squeeze_like(plan: Plan, values: np.ndarray, with_channel: bool) -> np.ndarray:
+def _squeeze_like(plan: Plan, values: np.ndarray) -> np.ndarray:
     """Shape (C, *spatial) values for assignment into :func:`_output_index`."""
     axes = plan.input_axes
     shaped = values if "c" in axes else values[0]
     if "z" in axes and plan.spatial_dims == 2:
         shaped = shaped[:, None] if "c" in axes else shaped[None]
-    return shaped if with_channel or "c" in axes else shaped
+    return shaped
 
 
 # --- marker files: what is done, for --resume ----------------------------------------------
@@ -276,11 +276,10 @@ def oce_task(plan: Plan, frame: int, block: Block) -> dict[str, np.ndarray]:
     offsets, std = offsets[(slice(None), *crop)], std[crop]
     core_raw = raw[(slice(None),) + tuple(slice(halo, halo + s) for s in block.shape)]
     embeddings = np.concatenate([offsets, std[None]]).astype(np.float32)
-    out = Path(plan.output_path)
     _write_embeddings(plan, frame, block, embeddings)
     copy = _array(plan.output_path, "0")
     copy[_output_index(plan, frame, block.core, slice(None))] = _squeeze_like(
-        plan, core_raw.astype(copy.dtype), True
+        plan, core_raw.astype(copy.dtype)
     )
     bins = np.clip(
         np.searchsorted(HIST_EDGES, std.ravel(), side="right") - 1, 0, len(HIST_EDGES) - 2
@@ -295,7 +294,6 @@ def oce_task(plan: Plan, frame: int, block: Block) -> dict[str, np.ndarray]:
         "signal": np.array(bool(core_raw.size and core_raw.max() > core_raw.min())),
         "frame": np.array(frame),
     }
-    del out
     _save_marker(marker, **result)
     return result
 
@@ -327,7 +325,7 @@ def intensity_task(
     _check_finite(raw, plan, frame)
     copy = _array(plan.output_path, "0")
     copy[_output_index(plan, frame, block.core, slice(None))] = _squeeze_like(
-        plan, raw.astype(copy.dtype), True
+        plan, raw.astype(copy.dtype)
     )
     values = raw.astype(np.float32).mean(axis=0)
     counts, _ = np.histogram(values, bins=INTENSITY_BINS, range=(low, max(high, low + 1e-6)))
@@ -521,10 +519,9 @@ def labels_task(
             for a, b, r in zip(block.start, block.stop, region, strict=True)
         )
         core_labels = labels[inner]
-    write = core_labels[None] if "c" in plan.input_axes else core_labels
-    if "z" in plan.input_axes and plan.spatial_dims == 2:
-        write = write[:, None] if "c" in plan.input_axes else write[None]
-    target[_output_index(plan, frame, block.core, slice(0, 1))] = write
+    target[_output_index(plan, frame, block.core, slice(0, 1))] = _squeeze_like(
+        plan, core_labels[None]
+    )
     result = {"objects": np.unique(core_labels[core_labels > 0])}
     _save_marker(marker, **result)
     return result
@@ -604,7 +601,6 @@ def _prepare_output(
     root = ome_io.create_group(out)
     ome_io.mark_status(root, "incomplete", command="predict", plan=plan.to_json())
     spatial_chunks = tuple(plan.block_size)
-    label_axes, label_shape = ome_io.label_axes_shape(image)
     chunks = _chunks(plan, image.axes, image.data.shape)
     ome_io.create_level0(root, image.data.shape, chunks, image.data.dtype)
     embeddings = root.create_group(EMBEDDINGS_NAME)
@@ -614,7 +610,6 @@ def _prepare_output(
         (1, plan.spatial_dims + 1, *spatial_chunks),
         np.float32,
     )
-    del label_axes, label_shape
     return root
 
 
@@ -648,7 +643,8 @@ def make_plan(
         check_compatible(checkpoint, image.spatial_dims, channels, str(image.path))
     if segmentation.diameter > min(spatial):
         raise UserInputError(
-            f"--diameter {segmentation.diameter:g} is larger than the frame ({'x'.join(map(str, spatial))})",
+            f"--diameter {segmentation.diameter:g} is larger than the frame"
+            f" ({'x'.join(map(str, spatial))})",
             "give the typical object diameter in pixels",
         )
     model_depth = checkpoint.model_config.depth if checkpoint is not None else 0

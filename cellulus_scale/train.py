@@ -23,7 +23,12 @@ from cellulus_scale.data import (
 )
 from cellulus_scale.errors import UserInputError
 from cellulus_scale.loss import oce_loss, sample_pairs
-from cellulus_scale.model import UNet, check_input_size, output_size
+from cellulus_scale.model import (
+    UNet,
+    check_input_size,
+    output_size,
+    smallest_valid_size_at_least,
+)
 from cellulus_scale.ome_io import OmeImage, check_complete, open_image
 
 LOG_COLUMNS = ["step", "epoch", "loss", "pair", "reg", "lr", "seconds", "data_wait"]
@@ -38,7 +43,7 @@ class TrainResult:
     total_steps: int
     final_loss: float
     seconds: float
-    data_wait_fraction: float
+    data_wait_fraction: float  # of the training loop's time, spent waiting for the next batch
     stopped_early: bool
 
 
@@ -66,15 +71,58 @@ def resolve_configs(
     if preset not in PRESETS:
         raise UserInputError(f"unknown preset '{preset}'", f"use one of {', '.join(PRESETS)}")
     chosen = PRESETS[preset]
+    unknown = sorted(
+        k
+        for k in overrides
+        if k not in ModelConfig.__dataclass_fields__ and k not in TrainConfig.__dataclass_fields__
+    )
+    if unknown:
+        raise TypeError(f"unknown training setting(s): {', '.join(unknown)}")
     model_fields = {k: v for k, v in overrides.items() if k in ModelConfig.__dataclass_fields__}
     train_fields = {k: v for k, v in overrides.items() if k in TrainConfig.__dataclass_fields__}
-    model_config = replace(
-        chosen.model,
-        spatial_dims=image.spatial_dims,
-        in_channels=image.canonical_shape[1],
-        **model_fields,
-    )
+    layout = {"spatial_dims": image.spatial_dims, "in_channels": image.canonical_shape[1]}
+    model_config = replace(chosen.model, **{**layout, **model_fields})
     return model_config, replace(chosen.train, **train_fields)
+
+
+def smallest_trainable_crop(depth: int, kappa: float) -> int:
+    """The smallest crop whose output leaves room for pairs within radius ``kappa``."""
+    size = smallest_valid_size_at_least(1, depth)
+    while (output_size(size, depth) or 0) <= 2 * math.floor(kappa):
+        size = smallest_valid_size_at_least(size + 1, depth)
+    return size
+
+
+def check_crop_size(
+    crop_size: int, depth: int, kappa: float, spatial_shape: tuple[int, ...]
+) -> None:
+    """Refuse crops the network cannot take, that leave too few output pixels for pairs, or that
+    do not fit in the image; the message names the sizes that would work."""
+    check_input_size(crop_size, depth)
+    smallest = smallest_trainable_crop(depth, kappa)
+    out_size = output_size(crop_size, depth)
+    assert out_size is not None
+    side = min(spatial_shape)
+    if crop_size < smallest:
+        raise UserInputError(
+            f"crop size {crop_size} leaves {out_size} output pixels, too few for pairs"
+            f" within radius {kappa:g}",
+            f"use --crop-size {smallest} or larger (a size the depth-{depth} network can take)",
+        )
+    if crop_size > side:
+        largest = next(
+            (s for s in range(side, smallest - 1, -1) if output_size(s, depth) is not None), None
+        )
+        shape = "x".join(map(str, spatial_shape))
+        if largest is None:
+            raise UserInputError(
+                f"the image ({shape}) is smaller than the smallest trainable crop ({smallest} px)",
+                "train on larger images",
+            )
+        raise UserInputError(
+            f"crop size {crop_size} is larger than the image ({shape})",
+            f"use --crop-size {largest} or smaller (a size the depth-{depth} network can take)",
+        )
 
 
 def write_loss_plot(csv_path: Path, png_path: Path) -> None:
@@ -99,6 +147,73 @@ def write_loss_plot(csv_path: Path, png_path: Path) -> None:
     figure.savefig(png_path)
 
 
+# Settings that may change on --resume without changing the result.
+_RESUME_FREE = {"num_workers"}
+
+
+def _resumed_config(stored: dict[str, Any], model_path: Path) -> TrainConfig:
+    values = dict(stored)
+    for key in ("lr_milestones", "normalisation_percentiles"):
+        if key in values:
+            values[key] = tuple(values[key])
+    try:
+        return TrainConfig(**values)
+    except TypeError:
+        raise UserInputError(
+            f"{model_path}: its training settings are not understood by this version",
+            "train a new model with --overwrite",
+        ) from None
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, list | tuple) or isinstance(b, list | tuple):
+        return isinstance(a, list | tuple) and isinstance(b, list | tuple) and list(a) == list(b)
+    return bool(a == b)
+
+
+def _resume_changes(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    epochs: int | None,
+    overrides: dict[str, Any],
+) -> dict[str, Any]:
+    """The settings a resumed run may change; refuse overrides that would change the result."""
+    changes: dict[str, Any] = {} if epochs is None else {"epochs": epochs}
+    for key, value in overrides.items():
+        if key in _RESUME_FREE:
+            changes[key] = value
+            continue
+        if key in ModelConfig.__dataclass_fields__:
+            current = getattr(model_config, key)
+        elif key in TrainConfig.__dataclass_fields__:
+            current = getattr(train_config, key)
+        else:
+            raise TypeError(f"unknown training setting: {key}")
+        if not _same(value, current):
+            option = "--" + key.replace("_", "-")
+            raise UserInputError(
+                f"--resume continues with the checkpoint's settings, but {option} {value} differs"
+                f" from its {current}",
+                f"drop {option}, or train a new model with --overwrite",
+            )
+    return changes
+
+
+def _start_log(log_path: Path, step: int) -> None:
+    """A fresh loss log, or on resume the old one cut back to the resumed step (a run stopped
+    between checkpoints logged steps that are now done again)."""
+    rows: list[list[str]] = []
+    if step and log_path.exists():
+        with log_path.open(newline="") as handle:
+            reader = csv.reader(handle)
+            if next(reader, None) == LOG_COLUMNS:
+                rows = [r for r in reader if r and r[0].isdigit() and int(r[0]) <= step]
+    with log_path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(LOG_COLUMNS)
+        writer.writerows(rows)
+
+
 def train(
     image_path: str | os.PathLike[str],
     model_path: str | os.PathLike[str],
@@ -114,13 +229,17 @@ def train(
     **overrides: Any,
 ) -> TrainResult:
     """Train the mini U-Net on random crops of an OME-Zarr image; write MODEL.pt beside a CSV loss
-    log and a PNG loss plot. ``overrides`` take any ModelConfig or TrainConfig field."""
+    log and a PNG loss plot. ``overrides`` take any ModelConfig or TrainConfig field.
+
+    Every crop is a function of (seed, crop index) and every pair sample of (seed, step), and the
+    learning rate of the epoch, so ``resume=True`` continues exactly where the checkpoint stopped:
+    stopping (``max_minutes``, ``epochs``) and resuming gives the same weights as one run. On
+    resume the checkpoint's settings are kept (``preset`` and ``seed`` are ignored); ``epochs``
+    and ``num_workers`` may change, any other override must equal the stored value."""
     model_path = Path(model_path)
     image = open_image(image_path, axes)
     check_complete(image.path)
-    if epochs is not None:
-        overrides["epochs"] = epochs
-    overrides["seed"] = seed
+    spatial_shape = tuple(image.canonical_shape[-image.spatial_dims :])
     torch_device = choose_device(device)
     if resume:
         if not model_path.exists():
@@ -130,14 +249,19 @@ def train(
         checkpoint = load_checkpoint(model_path, kind="oce")
         check_compatible(checkpoint, image.spatial_dims, image.canonical_shape[1], str(image.path))
         model_config = checkpoint.model_config
-        stored = dict(checkpoint.train_config)
-        for key in ("lr_milestones", "normalisation_percentiles"):
-            stored[key] = tuple(stored[key])
-        if epochs is not None:
-            stored["epochs"] = epochs
-        train_config = TrainConfig(**stored)
-        normalisation = checkpoint.normalisation
         state = checkpoint.training_state
+        if not {"optimizer", "step"} <= set(state) or not checkpoint.train_config:
+            raise UserInputError(
+                f"{model_path} holds no training state to resume from",
+                "train a new model with --overwrite",
+            )
+        train_config = _resumed_config(checkpoint.train_config, model_path)
+        changes = _resume_changes(model_config, train_config, epochs, overrides)
+        train_config = replace(train_config, **changes)
+        normalisation = checkpoint.normalisation
+        check_crop_size(
+            train_config.crop_size, model_config.depth, train_config.kappa, spatial_shape
+        )
     else:
         if model_path.exists() and not overwrite:
             raise UserInputError(
@@ -145,8 +269,13 @@ def train(
             )
         if not model_path.resolve().parent.exists():
             raise UserInputError(f"the folder of {model_path} does not exist", "create it first")
+        if epochs is not None:
+            overrides["epochs"] = epochs
+        overrides["seed"] = seed
         model_config, train_config = resolve_configs(preset, image, overrides)
-        check_input_size(train_config.crop_size, model_config.depth)
+        check_crop_size(
+            train_config.crop_size, model_config.depth, train_config.kappa, spatial_shape
+        )
         normalisation = estimate_normalisation(
             image,
             train_config.crop_size,
@@ -155,30 +284,42 @@ def train(
             train_config.seed,
         )
         state = {}
-    check_input_size(train_config.crop_size, model_config.depth)
-    out_size = output_size(train_config.crop_size, model_config.depth)
-    assert out_size is not None
-    if out_size <= 2 * train_config.kappa:
+    if train_config.epochs < 1 or train_config.batch_size < 1 or train_config.num_workers < 0:
         raise UserInputError(
-            f"crop size {train_config.crop_size} leaves {out_size} output pixels, too few for pairs"
-            f" within radius {train_config.kappa}",
-            "use a larger --crop-size",
+            f"epochs ({train_config.epochs}) and batch size ({train_config.batch_size}) must be at"
+            f" least 1 and workers ({train_config.num_workers}) at least 0",
+            "pass positive values",
         )
 
     torch.manual_seed(train_config.seed)
     model = UNet(model_config).to(torch_device)
     optimizer = torch.optim.Adam(model.parameters(), lr=train_config.learning_rate)
     step = 0
-    if state:
-        model.load_state_dict(checkpoint.state_dict)
-        optimizer.load_state_dict(state["optimizer"])
-        step = int(state["step"])
-
+    final_loss = math.nan
     per_epoch = math.ceil(
         crops_per_epoch(image, train_config.crop_size, train_config.min_crops_per_epoch)
         / train_config.batch_size
     )
     total_steps = per_epoch * train_config.epochs
+    if state:
+        stored_per_epoch = int(state.get("steps_per_epoch", per_epoch))
+        if stored_per_epoch != per_epoch:
+            raise UserInputError(
+                f"{model_path} was trained with {stored_per_epoch} steps per epoch, but"
+                f" {image.path} gives {per_epoch}: it is not the data the model was trained on",
+                "resume on the same data, or train a new model with --overwrite",
+            )
+        model.load_state_dict(checkpoint.state_dict)
+        optimizer.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        final_loss = float(state.get("loss", math.nan))
+        if step > total_steps:
+            raise UserInputError(
+                f"{model_path} has already trained {step} steps ({step / per_epoch:g} epochs),"
+                f" more than --epochs {train_config.epochs} asks for",
+                f"pass --epochs {math.ceil(step / per_epoch)} or more",
+            )
+    start_step = step
     dataset = RandomCrops(
         image,
         train_config.crop_size,
@@ -199,12 +340,7 @@ def train(
         pin_memory=torch_device.type == "cuda",
     )
     log_path = model_path.with_suffix(".loss.csv")
-    if not resume or not log_path.exists():
-        with log_path.open("w", newline="") as handle:
-            csv.writer(handle).writerow(LOG_COLUMNS)
-        logged_steps = 0
-    else:
-        logged_steps = step
+    _start_log(log_path, step if resume else 0)
     use_amp = torch_device.type == "cuda"
 
     def save(current_step: int) -> None:
@@ -221,6 +357,7 @@ def train(
                     "step": current_step,
                     "total_steps": total_steps,
                     "steps_per_epoch": per_epoch,
+                    "loss": final_loss,
                 },
             ),
             model_path,
@@ -229,10 +366,15 @@ def train(
     start = time.perf_counter()
     deadline = start + max_minutes * 60 if max_minutes is not None else math.inf
     waited = 0.0
-    final_loss = math.nan
     stopped_early = False
     model.train()
-    bar = tqdm(total=total_steps, initial=step, disable=None if progress else True, desc="train", unit="step")
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        disable=None if progress else True,
+        desc="train",
+        unit="step",
+    )
     log_handle = log_path.open("a", newline="")
     log = csv.writer(log_handle)
     try:
@@ -298,16 +440,17 @@ def train(
     finally:
         bar.close()
         log_handle.close()
+    loop_seconds = time.perf_counter() - start
     save(step)
     write_loss_plot(log_path, model_path.with_suffix(".loss.png"))
     seconds = time.perf_counter() - start
-    done = step - (logged_steps if resume else 0)
+    done = step - start_step
     return TrainResult(
         checkpoint=model_path,
         steps=step,
         total_steps=total_steps,
         final_loss=final_loss,
         seconds=seconds,
-        data_wait_fraction=waited / seconds if seconds > 0 and done else 0.0,
+        data_wait_fraction=waited / loop_seconds if loop_seconds > 0 and done else 0.0,
         stopped_early=stopped_early,
     )

@@ -199,7 +199,8 @@ def train(
 
 
 @main.command(
-    epilog="\b\nExample:\n  cellulus-scale predict demo.zarr segmented.zarr --model model.pt --diameter 24"
+    epilog="\b\nExample:\n  cellulus-scale predict demo.zarr segmented.zarr --model model.pt"
+    " --diameter 24"
 )
 @click.argument("image", type=click.Path(path_type=Path))
 @click.argument("output", type=click.Path(path_type=Path))
@@ -258,14 +259,18 @@ def predict(image: Path, output: Path, model: Path | None, **options: Any) -> No
         )
     result = run_prediction(image, output, model, **options)
     total = sum(result.seconds.values())
+    redone = ", ".join(
+        f"{stage} {count}/{result.blocks}" for stage, count in result.recomputed.items()
+    )
     click.echo(
-        f"wrote {result.output}: {result.objects} objects in {result.blocks} block tasks,"
-        f" {total:.1f} s"
+        f"wrote {result.output}: {result.objects} objects, {result.blocks} blocks per stage"
+        f" (computed: {redone}), {total:.1f} s"
     )
 
 
 @main.command(
-    epilog="\b\nExample:\n  cellulus-scale evaluate segmented.zarr --truth demo.zarr --json scores.json"
+    epilog="\b\nExample:\n  cellulus-scale evaluate segmented.zarr --truth demo.zarr"
+    " --json scores.json"
 )
 @click.argument("prediction", type=click.Path(path_type=Path))
 @click.option(

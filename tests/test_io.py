@@ -171,7 +171,7 @@ def test_label_pyramid_is_nearest_for_many_levels(tmp_path):
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 1000, (2, 512, 256)).astype(np.uint32)
     root = ome_io.write_image(
-        tmp_path / "big.zarr", da.zeros(labels.shape, np.uint8, chunks=(1, 128, 128)), "tyx",
+        str(tmp_path / "big.zarr"), da.zeros(labels.shape, np.uint8, chunks=(1, 128, 128)), "tyx",
         (1, 1, 1), "big",
     )  # fmt: skip
     ome_io.write_labels(root, "gt", da.from_array(labels, chunks=(1, 100, 100)), "tyx", (1, 1, 1))

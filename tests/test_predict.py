@@ -195,8 +195,7 @@ def test_local_cluster_and_dask_processes_give_identical_labels(video, model, wo
         assert np.array_equal(labels_of(out), local)
     finally:
         for process in [*workers, scheduler]:
-            process.terminate()
-        for process in [*workers, scheduler]:
+            process.kill()
             process.wait(timeout=30)
 
 

@@ -1,0 +1,134 @@
+"""Prediction benchmark: seconds per megapixel per stage, network efficiency, frame scaling.
+
+Prints, for simulated videos of --shape and each --frames count:
+- seconds per megapixel (of video) for each stage: network, statistics, clustering, labels
+  (assignment, stitching and post-processing), writing (pyramids and metadata);
+- the network's efficiency: output pixels per second of the blockwise OCE stage against one
+  plain batched forward pass over the same number of output pixels (same TTA passes), and
+  the halo overhead of the chosen block size;
+- the peak resident memory of the worker processes.
+
+Example:
+    python examples/benchmark_predict.py --shape 512,512 --frames 10,100 --tta 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cellulus_scale.checkpoint import load_checkpoint
+from cellulus_scale.config import PRESETS
+from cellulus_scale.model import context, smallest_valid_size_at_least
+from cellulus_scale.predict import predict
+from cellulus_scale.simulate import SimulationSpec
+from cellulus_scale.synthetic import write_simulation
+from cellulus_scale.train import train
+
+
+def peak_worker_memory(client) -> float:
+    def peak() -> float:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    return max(client.run(peak).values())
+
+
+def plain_forward_rate(model_path: Path, block: int, passes: int, threads: int) -> float:
+    """Output pixels per second of one batched forward pass on a (block+halo)^2 input."""
+    torch.set_num_threads(threads)
+    checkpoint = load_checkpoint(model_path)
+    model = checkpoint.build_model()
+    size = smallest_valid_size_at_least(
+        block + 2 * context(checkpoint.model_config.depth), checkpoint.model_config.depth
+    )
+    batch = torch.rand(min(passes, 8), 1, size, size)
+    with torch.no_grad():
+        model(batch)
+        start = time.perf_counter()
+        repeats = max(1, passes // len(batch))
+        for _ in range(repeats):
+            out = model(batch)
+        seconds = time.perf_counter() - start
+    return out.shape[-1] * out.shape[-2] * len(batch) * repeats / seconds / passes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="256,256")
+    parser.add_argument("--frames", default="4,16")
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--tta", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    parser.add_argument("--clustering", default="meanshift", choices=["meanshift", "sklearn"])
+    args = parser.parse_args()
+    shape = tuple(int(v) for v in args.shape.split(","))
+    from distributed import Client, LocalCluster
+
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        model = folder / "model.pt"
+        train(
+            write_simulation(folder / "train.zarr", SimulationSpec(frames=2, shape=shape)),
+            model,
+            preset=args.preset,
+            epochs=1,
+            min_crops_per_epoch=8,
+            progress=False,
+        )
+        forward = plain_forward_rate(model, args.block_size, args.tta, 1) * args.workers
+        print(
+            f"# shape {shape}, block {args.block_size}, tta {args.tta}, preset {args.preset},"
+            f" {args.workers} workers x 1 thread, clustering {args.clustering}"
+        )
+        halo = context(load_checkpoint(model).model_config.depth)
+        overhead = ((args.block_size + 2 * halo) ** 2 / args.block_size**2) - 1
+        print(f"halo {halo} px per side: {100 * overhead:.1f}% more input than output pixels")
+        print(
+            "frames  network  statistics  clustering  labels  writing  total"
+            "  (s/megapixel)  network-efficiency  peak-worker-MB"
+        )
+        for frames in (int(v) for v in args.frames.split(",")):
+            video = write_simulation(
+                folder / f"v{frames}.zarr", SimulationSpec(frames=frames, shape=shape, seed=1)
+            )
+            cluster = LocalCluster(
+                n_workers=args.workers,
+                threads_per_worker=1,
+                host="127.0.0.1",
+                dashboard_address=None,
+            )
+            with Client(cluster) as client:
+                result = predict(
+                    video,
+                    folder / f"o{frames}.zarr",
+                    model,
+                    diameter=24,
+                    block_size=args.block_size,
+                    tta=args.tta,
+                    overwrite=True,
+                    progress=False,
+                    client=client,
+                    clustering=args.clustering,
+                )
+                memory = peak_worker_memory(client)
+            cluster.close()
+            megapixels = frames * shape[0] * shape[1] / 1e6
+            stages = ["network", "statistics", "clustering", "labels", "writing"]
+            per = [result.seconds[s] / megapixels for s in stages]
+            efficiency = (megapixels * 1e6 / result.seconds["network"]) / forward
+            print(
+                f"{frames:6d}  "
+                + "  ".join(f"{v:8.2f}" for v in per)
+                + f"  {sum(per):6.2f}  {efficiency:17.2f}  {memory:14.0f}"
+            )
+
+
+if __name__ == "__main__":
+    main()

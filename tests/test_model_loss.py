@@ -1,0 +1,281 @@
+"""The mini U-Net's size arithmetic, the OCE loss and its pair sampling, and checkpoint files."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from cellulus_scale import checkpoint as checkpoint_module
+from cellulus_scale.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from cellulus_scale.config import ModelConfig, TrainConfig
+from cellulus_scale.data import Normalisation
+from cellulus_scale.errors import UserInputError
+from cellulus_scale.loss import damping, oce_loss, sample_pairs
+from cellulus_scale.model import (
+    UNet,
+    check_input_size,
+    context,
+    output_size,
+    smallest_valid_size_at_least,
+    valid_sizes_near,
+)
+
+TINY = ModelConfig(feature_maps=2, feature_factor=2)
+
+
+def forward_size(config: ModelConfig, size: int) -> tuple[int, ...]:
+    model = UNet(config).eval()
+    with torch.no_grad():
+        out = model(torch.zeros(1, config.in_channels, *(size,) * config.spatial_dims))
+    return tuple(out.shape)
+
+
+# --- architecture -------------------------------------------------------------------------
+
+
+def test_depth_1_turns_252_into_236() -> None:
+    assert output_size(252, 1) == 236
+    assert forward_size(ModelConfig(feature_maps=4), 252) == (1, 2, 236, 236)
+
+
+def test_paper_model_blocks_and_head() -> None:
+    model = UNet(ModelConfig())
+    for block in [*model.down, model.bottom, *model.up]:
+        convs = [m for m in block if isinstance(m, nn.Conv2d)]
+        assert [c.kernel_size[0] for c in convs] == [3, 1, 1, 3]
+        assert all(c.padding == (0, 0) for c in convs)  # valid convolutions
+        assert sum(isinstance(m, nn.ReLU) for m in block) == 4
+    assert model.down[0][0].out_channels == 64
+    assert model.bottom[0].out_channels == 192  # x3 per level
+    head = [m for m in model.head if isinstance(m, nn.Conv2d)]
+    assert [c.kernel_size[0] for c in head] == [1, 1] and head[-1].out_channels == 2
+
+
+def test_context_of_depth_1_is_8() -> None:
+    assert context(1) == 8
+    size = smallest_valid_size_at_least(100, 1)
+    assert (size - forward_size(TINY, size)[-1]) // 2 == 8
+
+
+def test_depth_3_context_follows_from_the_architecture() -> None:
+    deep = replace(TINY, depth=3)
+    assert context(3) == 44
+    assert output_size(252, 3) == 252 - 2 * 44
+    smallest = smallest_valid_size_at_least(1, 3)
+    for size in (smallest, smallest_valid_size_at_least(smallest + 1, 3)):
+        out = forward_size(deep, size)[-1]
+        assert out == output_size(size, 3)
+        assert size - out == 2 * context(3)
+    assert context(3) > context(2) > context(1)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_output_size_matches_a_real_forward_pass(depth: int) -> None:
+    config = replace(TINY, depth=depth)
+    sizes = [s for s in range(1, 110) if output_size(s, depth) is not None]
+    assert sizes, "no valid sizes"
+    for size in sizes[:6]:
+        assert forward_size(config, size)[-1] == output_size(size, depth)
+        assert size - output_size(size, depth) == 2 * context(depth)
+
+
+@pytest.mark.parametrize(("size", "depth", "near"), [(251, 1, "250 or 252"), (250, 3, "244")])
+def test_invalid_sizes_are_refused_naming_the_nearest_valid(
+    size: int, depth: int, near: str
+) -> None:
+    assert output_size(size, depth) is None
+    with pytest.raises(UserInputError) as error:
+        check_input_size(size, depth)
+    assert near in str(error.value)
+    for valid in valid_sizes_near(size, depth):
+        assert output_size(valid, depth) is not None
+        check_input_size(valid, depth)
+
+
+def test_too_small_sizes_are_refused() -> None:
+    assert output_size(17, 1) is None
+    with pytest.raises(UserInputError, match="18"):
+        check_input_size(17, 1)
+
+
+def test_3d_model_forward_shape() -> None:
+    config = ModelConfig(spatial_dims=3, feature_maps=2)
+    model = UNet(config).eval()
+    with torch.no_grad():
+        out = model(torch.zeros(2, 1, 20, 36, 44))
+    assert out.shape == (2, 3, 20 - 16, 36 - 16, 44 - 16)
+    assert isinstance(model.down[0][0], nn.Conv3d)
+
+
+def test_model_rejects_other_dimensions() -> None:
+    with pytest.raises(ValueError):
+        UNet(ModelConfig(spatial_dims=4))
+
+
+# --- loss ---------------------------------------------------------------------------------
+
+
+def test_damping_forms_at_known_inputs() -> None:
+    x = torch.tensor([0.0, 10.0, 1e6])
+    seed = damping(x, 10.0, "seed")
+    reference = damping(x, 10.0, "reference")
+    expected_seed = [0.5, 1.0 / (1.0 + math.exp(-1.0)), 1.0]
+    expected_reference = [0.0, 1.0 - math.exp(-1.0), 1.0]
+    assert seed.tolist() == pytest.approx(expected_seed, abs=1e-6)
+    assert reference.tolist() == pytest.approx(expected_reference, abs=1e-6)
+    with pytest.raises(ValueError):
+        damping(x, 10.0, "other")  # type: ignore[arg-type]
+
+
+def _two_pair_offsets() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Offsets (1, 2, 3, 4): pair A is a perfect pair, pair B is 4 px apart along y."""
+    offsets = torch.zeros(1, 2, 3, 4)
+    offsets[0, :, 0, 0] = torch.tensor([1.0, 1.0])  # e(0,0) = (1,1) = e(1,1)
+    offsets[0, :, 2, 3] = torch.tensor([3.0, -1.0])  # e(2,3) = (5,2); e(1,2) = (1,2)
+    anchors = torch.tensor([[[0, 0], [1, 2]]])
+    partners = torch.tensor([[[1, 1], [2, 3]]])
+    return offsets, anchors, partners
+
+
+@pytest.mark.parametrize("kind", ["seed", "reference"])
+def test_oce_loss_on_two_known_pairs(kind: str) -> None:
+    offsets, anchors, partners = _two_pair_offsets()
+    lambda_reg = 0.1
+    loss, parts = oce_loss(offsets, anchors, partners, tau=10.0, lambda_reg=lambda_reg, kind=kind)
+    # pair A: squared distance 0; pair B: (1-5)^2 + (2-2)^2 = 16
+    if kind == "seed":
+        pair = (0.5 + 1.0 / (1.0 + math.exp(-1.6))) / 2
+    else:
+        pair = (0.0 + 1.0 - math.exp(-1.6)) / 2
+    reg = (math.sqrt(2.0) + 0.0) / 2  # mean ||r|| over the anchors (0,0) and (1,2)
+    assert parts["pair"] == pytest.approx(pair, rel=1e-6)
+    assert parts["reg"] == pytest.approx(reg, rel=1e-6)
+    assert float(loss) == pytest.approx(pair + lambda_reg * reg, rel=1e-6)
+
+
+def test_oce_loss_pair_term_ignores_a_global_shift_and_has_gradients() -> None:
+    offsets, anchors, partners = _two_pair_offsets()
+    offsets.requires_grad_(True)
+    loss, parts = oce_loss(offsets, anchors, partners, lambda_reg=0.0)
+    _, shifted = oce_loss(offsets + 7.0, anchors, partners, lambda_reg=0.0)
+    assert shifted["pair"] == pytest.approx(parts["pair"], rel=1e-6)
+    loss.backward()
+    assert offsets.grad is not None and offsets.grad.abs().sum() > 0
+
+
+# --- pair sampling ------------------------------------------------------------------------
+
+
+def test_pair_sampling_follows_the_appendix() -> None:
+    shape, batch, kappa = (236, 236), 3, 10.0
+    anchors, partners = sample_pairs(shape, batch, 0.2, kappa, torch.Generator().manual_seed(1))
+    count = round(0.2 * 236 * 236)
+    assert anchors.shape == partners.shape == (batch, count, 2)
+    assert anchors.dtype == partners.dtype == torch.int64
+    step = (partners - anchors).float()
+    distance = step.norm(dim=-1)
+    assert (distance > 0).all() and (distance <= kappa).all()
+    for points in (anchors, partners):
+        assert (points >= 0).all() and (points < 236).all()
+    # anchors only where the whole radius stays inside the output
+    assert (anchors >= 10).all() and (anchors < 236 - 10).all()
+    # every integer offset of the disc is drawn (317 lattice points within radius 10, less 0)
+    assert len(torch.unique((partners - anchors).reshape(-1, 2), dim=0)) == 316
+
+
+def test_pair_sampling_is_deterministic_for_a_seeded_generator() -> None:
+    def draw(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return sample_pairs((44, 52), 2, 0.2, 10.0, torch.Generator().manual_seed(seed))
+
+    first, again, other = draw(5), draw(5), draw(6)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[0], other[0])
+
+
+def test_pair_sampling_in_3d_and_too_small_outputs() -> None:
+    anchors, partners = sample_pairs((24, 30, 30), 1, 0.2, 10.0, torch.Generator().manual_seed(0))
+    assert anchors.shape == (1, round(0.2 * 24 * 30 * 30), 3)
+    distance = (partners - anchors).float().norm(dim=-1)
+    assert (distance > 0).all() and (distance <= 10).all()
+    assert (partners >= 0).all() and (partners < torch.tensor([24, 30, 30])).all()
+    with pytest.raises(ValueError):
+        sample_pairs((20, 40), 1, 0.2, 10.0)
+
+
+# --- checkpoints --------------------------------------------------------------------------
+
+
+def _checkpoint() -> Checkpoint:
+    config = ModelConfig(feature_maps=4)
+    torch.manual_seed(3)
+    return Checkpoint(
+        kind="oce",
+        model_config=config,
+        normalisation=Normalisation(12.5, 830.0),
+        state_dict=UNet(config).state_dict(),
+        data_axes="tyx",
+        train_config=replace(TrainConfig(), crop_size=124).to_dict(),
+        training_state={"step": 7, "steps_per_epoch": 3},
+    )
+
+
+def test_checkpoint_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = _checkpoint()
+    path = tmp_path / "model.pt"
+    save_checkpoint(original, path)
+    assert not list(tmp_path.glob("*.partial"))
+    calls: list[dict] = []
+    real_load = torch.load
+
+    def spy(*args: object, **kwargs: object) -> object:
+        calls.append(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "load", spy)
+    loaded = load_checkpoint(path, kind="oce")
+    assert calls and all(call.get("weights_only") is True for call in calls)
+    assert loaded.model_config == original.model_config
+    assert loaded.normalisation == original.normalisation
+    assert loaded.train_config == original.train_config
+    assert loaded.training_state == original.training_state
+    assert loaded.data_axes == "tyx"
+    assert loaded.state_dict.keys() == original.state_dict.keys()
+    for key, value in original.state_dict.items():
+        assert torch.equal(loaded.state_dict[key], value)
+    model = loaded.build_model()
+    assert not model.training
+    with torch.no_grad():
+        assert model(torch.zeros(1, 1, 36, 36)).shape == (1, 2, 20, 20)
+
+
+def test_not_a_checkpoint_is_refused(tmp_path: Path) -> None:
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {"weight": torch.zeros(3)}, "epoch": 4}, other)
+    for path in (noise, other, tmp_path / "missing.pt"):
+        with pytest.raises(UserInputError, match="checkpoint"):
+            load_checkpoint(path)
+
+
+def test_truncated_and_damaged_checkpoints_are_refused(tmp_path: Path) -> None:
+    good = tmp_path / "model.pt"
+    save_checkpoint(_checkpoint(), good)
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserInputError, match="truncated or damaged"):
+        load_checkpoint(truncated)
+    mismatched = _checkpoint()
+    mismatched.model_config = ModelConfig(feature_maps=8)
+    wrong_weights = tmp_path / "mismatched.pt"
+    save_checkpoint(mismatched, wrong_weights)
+    with pytest.raises(UserInputError, match="do not match"):
+        load_checkpoint(wrong_weights)
+    with pytest.raises(UserInputError, match="'stardist' model"):
+        load_checkpoint(good, kind="stardist")
