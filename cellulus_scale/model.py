@@ -124,7 +124,7 @@ def smallest_valid_size_at_least(size: int, depth: int) -> int:
 
 
 def check_input_size(size: int, depth: int, what: str = "crop size") -> None:
-    """Raise a UserInputError naming the nearest valid sizes when the network cannot take ``size``."""
+    """Refuse (UserInputError) a ``size`` the network cannot take, naming the nearest valid ones."""
     if output_size(size, depth) is None:
         near = " or ".join(str(s) for s in valid_sizes_near(size, depth))
         raise UserInputError(

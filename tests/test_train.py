@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cellulus_scale.cli.main import main as cli
 from click.testing import CliRunner
 
 from cellulus_scale import ome_io
 from cellulus_scale import train as train_module
 from cellulus_scale.checkpoint import load_checkpoint
-from cellulus_scale.cli.main import main as cli
 from cellulus_scale.config import PRESETS, ModelConfig
 from cellulus_scale.data import Normalisation
 from cellulus_scale.errors import UserInputError
