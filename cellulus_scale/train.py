@@ -129,7 +129,8 @@ def write_loss_plot(csv_path: Path, png_path: Path) -> None:
     """Plot the loss log (raw and smoothed) to a PNG."""
     from matplotlib.figure import Figure
 
-    rows = list(csv.DictReader(csv_path.open()))
+    with csv_path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
     if not rows:
         return
     steps = np.array([int(r["step"]) for r in rows])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,6 +27,16 @@ from cellulus_scale.model import (
 )
 
 TINY = ModelConfig(feature_maps=2, feature_factor=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: on a small shared machine torch's default (one per core) stalls in
+    OpenMP barriers whenever other processes hold a core, and runs 2-5x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def forward_size(config: ModelConfig, size: int) -> tuple[int, ...]:
