@@ -23,21 +23,15 @@ import numpy as np
 
 from cellulus_scale import ome_io
 from cellulus_scale.errors import UserInputError
-from cellulus_scale.metrics import FrameScores, check_same_shape, combine, score_frame
-
-_TABLE_COLUMNS = (
-    "frame",
-    "n_true",
-    "n_pred",
-    "tp",
-    "fp",
-    "fn",
-    "precision",
-    "recall",
-    "f1",
-    "seg",
-    "ap",
+from cellulus_scale.metrics import (
+    SCALAR_SCORES,
+    FrameScores,
+    check_same_shape,
+    combine,
+    score_frame,
 )
+
+_TABLE_COLUMNS = ("frame", *SCALAR_SCORES)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,8 @@ from cellulus_scale.errors import UserInputError
 
 F1_THRESHOLD = 0.5
 AP_THRESHOLDS: tuple[float, ...] = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
+# The scalar scores of a frame, in table order.
+SCALAR_SCORES = ("n_true", "n_pred", "tp", "fp", "fn", "precision", "recall", "f1", "seg", "ap")
 
 # Largest label value for which areas are counted with np.bincount instead of np.unique.
 _BINCOUNT_MAX_LABEL = 1 << 22
@@ -278,18 +280,7 @@ class FrameScores:
         """Flat summary (scalars plus ``ap@<threshold>`` entries), e.g. for a CSV row."""
         out: dict[str, float | int] = {
             name: getattr(self, name)
-            for name in (
-                "n_true",
-                "n_pred",
-                "tp",
-                "fp",
-                "fn",
-                "precision",
-                "recall",
-                "f1",
-                "seg",
-                "ap",
-            )
+            for name in SCALAR_SCORES
         }
         for threshold, value in zip(self.thresholds, self.ap_at, strict=True):
             out[f"ap@{threshold:.2f}"] = float(value)

@@ -288,9 +288,11 @@ def oce_task(plan: Plan, frame: int, block: Block) -> dict[str, np.ndarray]:
     sums = np.stack(
         [np.bincount(bins, weights=o.ravel(), minlength=len(HIST_EDGES) - 1) for o in offsets]
     )
+    occupied = np.flatnonzero(counts)  # stored sparse: a block's std spans few bins
     result = {
-        "counts": counts.astype(np.int64),
-        "offset_sums": sums,
+        "bins": occupied,
+        "counts": counts[occupied].astype(np.int64),
+        "offset_sums": sums[:, occupied],
         "signal": np.array(bool(core_raw.size and core_raw.max() > core_raw.min())),
         "frame": np.array(frame),
     }
@@ -329,8 +331,10 @@ def intensity_task(
     )
     values = raw.astype(np.float32).mean(axis=0)
     counts, _ = np.histogram(values, bins=INTENSITY_BINS, range=(low, max(high, low + 1e-6)))
+    occupied = np.flatnonzero(counts)
     result = {
-        "counts": counts.astype(np.int64),
+        "bins": occupied,
+        "counts": counts[occupied].astype(np.int64),
         "signal": np.array(bool(values.size and values.max() > values.min())),
         "frame": np.array(frame),
         "low": np.array(low),
@@ -362,18 +366,35 @@ def _read_embeddings(plan: Plan, frame: int, region: Sequence[slice]) -> np.ndar
     return array[(frame, slice(None)) + tuple(region)]
 
 
-def compute_statistics(plan: Plan, results: Sequence[dict[str, np.ndarray]]) -> Statistics:
+class HistogramTotals:
+    """The block histograms of the first stage, summed as blocks finish (O(bins) memory)."""
+
+    def __init__(self, plan: Plan) -> None:
+        bins = INTENSITY_BINS if plan.method == "watershed" else len(HIST_EDGES) - 1
+        self.counts = np.zeros(bins, dtype=np.int64)
+        self.sums = np.zeros((plan.spatial_dims, bins))
+        self.signal = [False] * plan.frames
+        self.low = self.high = 0.0
+
+    def add(self, result: dict[str, np.ndarray]) -> None:
+        bins = result["bins"]
+        self.counts[bins] += result["counts"]
+        if "offset_sums" in result:
+            self.sums[:, bins] += result["offset_sums"]
+        else:
+            self.low, self.high = float(result["low"]), float(result["high"])
+        self.signal[int(result["frame"])] |= bool(result["signal"])
+
+
+def compute_statistics(plan: Plan, totals: HistogramTotals) -> Statistics:
     """Otsu threshold on the pooled std histogram and the mean foreground offset (per video)."""
     from skimage.filters import threshold_otsu
 
-    counts = np.sum([r["counts"] for r in results], axis=0)
-    signal = [False] * plan.frames
-    for r in results:
-        signal[int(r["frame"])] |= bool(r["signal"])
+    counts, signal = totals.counts, totals.signal
     if plan.method == "watershed":
         from cellulus_scale.baseline import otsu_from_histogram
 
-        low, high = float(results[0]["low"]), float(results[0]["high"])
+        low, high = totals.low, totals.high
         edges = np.linspace(low, max(high, low + 1e-6), INTENSITY_BINS + 1)
         threshold = (
             float(plan.segmentation.threshold)
@@ -382,7 +403,7 @@ def compute_statistics(plan: Plan, results: Sequence[dict[str, np.ndarray]]) -> 
         )
         fraction = float(counts[edges[1:] > threshold].sum() / max(1, counts.sum()))
         return Statistics(threshold, (0.0,) * plan.spatial_dims, tuple(signal), fraction)
-    sums = np.sum([r["offset_sums"] for r in results], axis=0)
+    sums = totals.sums
     centres = 0.5 * (HIST_EDGES[:-1] + HIST_EDGES[1:])
     if plan.segmentation.threshold is not None:
         threshold = float(plan.segmentation.threshold)
@@ -475,6 +496,7 @@ def labels_task(
     done = _load_marker(marker)
     if done is not None:
         return done
+    clock = {"start": time.perf_counter()}  # when each part ended, for the benchmark
     seg = plan.segmentation
     target = _array(plan.output_path, f"labels/{LABELS_NAME}/0")
     core_labels = np.zeros(block.shape, dtype=target.dtype)
@@ -502,6 +524,7 @@ def labels_task(
         labels = assign_to_centres(
             embeddings, foreground, centres[near], ids[near], seg.assign_distance, target.dtype
         )
+        clock["stitching"] = time.perf_counter()
         intensity = None
         if seg.mode == "nucleus":
             indices = [np.arange(r.start, r.stop) for r in region]
@@ -519,10 +542,17 @@ def labels_task(
             for a, b, r in zip(block.start, block.stop, region, strict=True)
         )
         core_labels = labels[inner]
+        clock["post-processing"] = time.perf_counter()
     target[_output_index(plan, frame, block.core, slice(0, 1))] = _squeeze_like(
         plan, core_labels[None]
     )
-    result = {"objects": np.unique(core_labels[core_labels > 0])}
+    clock["writing"] = time.perf_counter()
+    moments = list(clock.values())
+    result = {
+        "objects": np.unique(core_labels[core_labels > 0]),
+        "seconds": np.array([b - a for a, b in zip(moments, moments[1:], strict=False)]),
+        "parts": np.array(list(clock)[1:]),
+    }
     _save_marker(marker, **result)
     return result
 
@@ -555,8 +585,15 @@ def check_block_size(block_size: int, depth: int, diameter: float) -> None:
 
 
 def _run_stage(
-    client: Any, name: str, function: Callable, args: list[tuple], progress: bool
+    client: Any,
+    name: str,
+    function: Callable,
+    args: list[tuple],
+    progress: bool,
+    collect: Callable[[Any], None] | None = None,
 ) -> list[Any]:
+    """Run ``function`` on every argument tuple; return the results in order, or hand each to
+    ``collect`` as it arrives (and return nothing) so that they need not all be held."""
     from distributed import as_completed
     from tqdm.auto import tqdm
 
@@ -568,12 +605,16 @@ def _run_stage(
     ) as bar:
         try:
             for future in as_completed(futures):
-                results[index[future.key]] = future.result()
+                if collect is None:
+                    results[index[future.key]] = future.result()
+                else:
+                    collect(future.result())
+                    future.release()
                 bar.update()
         except BaseException:
             client.cancel(futures)
             raise
-    return results
+    return results if collect is None else []
 
 
 def _count_done(plan: Plan, stage: str, work: list[tuple[int, Block]]) -> int:
@@ -741,25 +782,22 @@ def predict(
 
         start = time.perf_counter()
         recomputed["oce"] = len(work) - _count_done(plan, "oce", work)
+        totals = HistogramTotals(plan)
         if plan.method == "watershed":
             ranges = _run_stage(
                 dask, "range", range_task, [(plan, f, b) for f, b in work], progress
             )
             low = min(float(r["low"]) for r in ranges)
             high = max(float(r["high"]) for r in ranges)
-            oce = _run_stage(
-                dask,
-                "intensity",
-                intensity_task,
-                [(plan, f, b, low, high) for f, b in work],
-                progress,
-            )
+            arguments = [(plan, f, b, low, high) for f, b in work]
+            _run_stage(dask, "intensity", intensity_task, arguments, progress, totals.add)
         else:
-            oce = _run_stage(dask, "OCEs", oce_task, [(plan, f, b) for f, b in work], progress)
+            arguments = [(plan, f, b) for f, b in work]
+            _run_stage(dask, "OCEs", oce_task, arguments, progress, totals.add)
         timings["network"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        stats = compute_statistics(plan, oce)
+        stats = compute_statistics(plan, totals)
         ome_io.mark_status(root, "incomplete", statistics=asdict(stats))
         timings["statistics"] = time.perf_counter() - start
 
@@ -782,6 +820,7 @@ def predict(
             for stale in (Path(plan.output_path) / WORK_DIR / "labels").glob("*.npz"):
                 stale.unlink()
         recomputed["labels"] = len(work) - _count_done(plan, "labels", work)
+        parts: dict[str, float] = {}
         scattered = {
             f: dask.scatter([centres[f], ids[f]], broadcast=False) for f in range(plan.frames)
         }
@@ -791,8 +830,18 @@ def predict(
             labels_task,
             [(plan, stats, f, b, *scattered[f]) for f, b in work],
             progress,
+            collect=lambda r: parts.update(
+                {
+                    k: parts.get(k, 0.0) + float(v)
+                    for k, v in zip(r["parts"], r["seconds"], strict=True)
+                }
+            ),
         )
-        timings["labels"] = time.perf_counter() - start
+        wall = time.perf_counter() - start
+        busy = sum(parts.values()) or 1.0
+        for part, seconds in parts.items():  # the stage's wall time, split by task-time share
+            key = "writing labels" if part == "writing" else str(part)
+            timings[key] = wall * seconds / busy
 
     start = time.perf_counter()
     finish_output(plan, image, root, save_embeddings, stats, objects)

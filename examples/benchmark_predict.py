@@ -1,8 +1,10 @@
 """Prediction benchmark: seconds per megapixel per stage, network efficiency, frame scaling.
 
 Prints, for simulated videos of --shape and each --frames count:
-- seconds per megapixel (of video) for each stage: network, statistics, clustering, labels
-  (assignment, stitching and post-processing), writing (pyramids and metadata);
+- seconds per megapixel (of video) for each stage: network, statistics, clustering,
+  stitching (assigning pixels to the numbered centres), post-processing, writing the labels,
+  and writing pyramids and metadata (the labels stage's wall time is split by the task time
+  of its parts);
 - the network's efficiency: output pixels per second of the blockwise OCE stage against one
   plain batched forward pass over the same number of output pixels (same TTA passes), and
   the halo overhead of the chosen block size;
@@ -39,8 +41,9 @@ def peak_worker_memory(client) -> float:
     return max(client.run(peak).values())
 
 
-def plain_forward_rate(model_path: Path, block: int, passes: int, threads: int) -> float:
-    """Output pixels per second of one batched forward pass on a (block+halo)^2 input."""
+def plain_forward_rate(model_path: Path, passes: int, threads: int, tile: int = 512) -> float:
+    """Output pixels per second (per pass) of plain batched forward passes over large tiles:
+    the network alone, no halo beyond one tile's, no noise, I/O or Dask."""
     torch.set_num_threads(threads)
     checkpoint = load_checkpoint(model_path)
     model = checkpoint.build_model()
@@ -62,7 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="256,256")
     parser.add_argument("--frames", default="4,16")
-    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--tta", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
@@ -82,7 +85,7 @@ def main() -> None:
             min_crops_per_epoch=8,
             progress=False,
         )
-        forward = plain_forward_rate(model, args.block_size, args.tta, 1) * args.workers
+        forward = plain_forward_rate(model, args.tta, 1) * args.workers
         print(
             f"# shape {shape}, block {args.block_size}, tta {args.tta}, preset {args.preset},"
             f" {args.workers} workers x 1 thread, clustering {args.clustering}"
@@ -120,8 +123,9 @@ def main() -> None:
                 memory = peak_worker_memory(client)
             cluster.close()
             megapixels = frames * shape[0] * shape[1] / 1e6
-            stages = ["network", "statistics", "clustering", "labels", "writing"]
-            per = [result.seconds[s] / megapixels for s in stages]
+            stages = ["network", "statistics", "clustering", "stitching", "post-processing",
+                      "writing labels", "writing"]
+            per = [result.seconds.get(s, 0.0) / megapixels for s in stages]
             efficiency = (megapixels * 1e6 / result.seconds["network"]) / forward
             print(
                 f"{frames:6d}  "
