@@ -64,14 +64,14 @@ def main() -> None:
                 scores = evaluate(out, video).overall
                 print(f"{passes:3d}   {scores.f1:.3f}  {scores.seg:.3f}  {scores.ap:.3f}"
                       f"  {seconds['network']:8.2f}", flush=True)
-            print("clustering  F1     SEG    AP     clustering-s  labels-s")
+            print("clustering  F1     SEG    AP     clustering-s  stitching-s")
             outputs = {}
             for method in ("meanshift", "sklearn"):
                 out, seconds = run(method, clustering=method)
                 outputs[method] = out
                 scores = evaluate(out, video).overall
                 print(f"{method:10s}  {scores.f1:.3f}  {scores.seg:.3f}  {scores.ap:.3f}"
-                      f"  {seconds['clustering']:12.2f}  {seconds['labels']:8.2f}", flush=True)
+                      f"  {seconds['clustering']:12.2f}  {seconds['stitching']:11.2f}", flush=True)
             fast = open_labels(outputs["meanshift"], "cellulus").data.compute()
             reference = open_labels(outputs["sklearn"], "cellulus").data.compute()
             agreement = combine([score_frame(r, f) for r, f in zip(reference, fast, strict=True)])
