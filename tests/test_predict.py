@@ -282,3 +282,35 @@ def test_bad_input_is_refused_with_one_line_and_the_input_untouched(video, model
     )
     shutil.rmtree(existing)
     assert tree_hash(video) == before
+
+
+def test_3d_blockwise_embeddings_equal_whole_volume(workdir, client):
+    from cellulus_scale.checkpoint import Checkpoint, save_checkpoint
+    from cellulus_scale.config import ModelConfig
+    from cellulus_scale.data import Normalisation
+    from cellulus_scale.model import UNet
+
+    volume = write_simulation(
+        workdir / "volume.zarr", SimulationSpec(frames=1, shape=(20, 40, 40), diameter=8, seed=2)
+    )
+    config = ModelConfig(spatial_dims=3, feature_maps=4)
+    model = workdir / "model3d_untrained.pt"
+    save_checkpoint(
+        Checkpoint("oce", config, Normalisation(100.0, 1000.0), UNet(config).state_dict(), "tzyx"),
+        model,
+    )
+    embeddings = {}
+    for size in (16, 40):
+        out = run(
+            volume,
+            model,
+            workdir / f"v_{size}.zarr",
+            client,
+            diameter=8,
+            block_size=size,
+            save_embeddings=True,
+        )
+        embeddings[size] = zarr.open_array(str(out / "embeddings" / "0"), mode="r")[:]
+        assert labels_of(out).shape == (1, 20, 40, 40)
+    assert embeddings[40].shape == (1, 4, 20, 40, 40)
+    assert np.abs(embeddings[16] - embeddings[40]).max() < 1e-4
