@@ -47,6 +47,11 @@ def dask_client(
                 " a local cluster",
             ) from None
         try:
+            check_versions(client, scheduler)
+        except BaseException:
+            client.close()
+            raise
+        try:
             yield client
         finally:
             client.close()
@@ -60,7 +65,9 @@ def dask_client(
         processes=True,
         host="127.0.0.1",
         dashboard_address="127.0.0.1:0",
-        silence_logs=logging.ERROR if quiet else logging.WARNING,
+        # a failed task is reported once, by the client; the workers' own 'Compute Failed'
+        # log lines (level ERROR) would break the one-line error of the command line
+        silence_logs=logging.CRITICAL if quiet else logging.WARNING,
     )
     client = Client(cluster)
     try:
@@ -78,3 +85,49 @@ def threads_per_host(client: Client) -> dict[str, int]:
         host = address.rsplit(":", 1)[0]
         totals[host] = totals.get(host, 0) + int(worker.get("nthreads", 1))
     return totals
+
+
+def network_resources(client: Client, device: str = "auto") -> dict[str, float] | None:
+    """``{"GPU": 1}`` when a worker of the cluster advertises a ``GPU`` resource (``dask worker
+    ADDRESS --nthreads 1 --resources GPU=1``), else None. The network tasks are then restricted
+    to such workers (one task per GPU at a time) while the other stages run on every worker;
+    ``device="cpu"`` lifts the restriction."""
+    if device == "cpu":
+        return None
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    if any((w.get("resources") or {}).get("GPU", 0) > 0 for w in workers):
+        return {"GPU": 1}
+    return None
+
+
+def check_versions(client: Client, address: str) -> None:
+    """Refuse a cluster whose scheduler or workers run another Python (major.minor), dask or
+    distributed than this process, or whose workers have another cellulus-scale (or none):
+    Dask's messages and pickled tasks are only reliable between identical versions."""
+    try:
+        versions = client.get_versions(packages=["cellulus_scale"])
+    except Exception as error:  # an incompatible scheduler may not even answer this
+        raise UserInputError(
+            f"the Dask scheduler at {address} does not report its versions"
+            f" ({type(error).__name__}); it may run another version of dask or distributed",
+            "install the same Python, dask, distributed and cellulus-scale versions on every"
+            " machine of the cluster",
+        ) from None
+    mine = versions["client"]["packages"]
+    others = [(f"scheduler at {address}", versions["scheduler"], False)]
+    others += [(f"worker {w}", v, True) for w, v in sorted(versions["workers"].items())]
+    for where, info, is_worker in others:
+        theirs = (info or {}).get("packages", {})
+        for package in ("python", "dask", "distributed", "cellulus_scale"):
+            if package == "cellulus_scale" and not is_worker:
+                continue  # the scheduler never imports the package
+            mine_v, theirs_v = mine.get(package), theirs.get(package)
+            if package == "python":  # 3.11.7.final.0: patch releases are compatible
+                mine_v, theirs_v = (".".join(str(v).split(".")[:2]) for v in (mine_v, theirs_v))
+            if theirs_v != mine_v:
+                raise UserInputError(
+                    f"the Dask {where} runs {package.replace('_', '-')}"
+                    f" {theirs_v or '(not installed)'}, this machine {mine_v}",
+                    "install the same Python, dask, distributed and cellulus-scale versions on"
+                    " every machine of the cluster",
+                )

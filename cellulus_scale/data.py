@@ -163,3 +163,100 @@ def crops_per_epoch(image: OmeImage, crop_size: int, floor: int) -> int:
     voxels = frames * height * width * (depth if image.spatial_dims == 3 else 1)
     per_crop = crop_size**image.spatial_dims
     return max(floor, math.ceil(voxels / per_crop))
+
+
+def augment_with_labels(
+    crop: np.ndarray, labels: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """The same random flips and 90-degree rotation in yx for an image crop (C, *spatial) and
+    its label crop (*spatial)."""
+    for axis in range(1, crop.ndim):
+        if rng.random() < 0.5:
+            crop, labels = np.flip(crop, axis=axis), np.flip(labels, axis=axis - 1)
+    turns = int(rng.integers(4))
+    crop = np.rot90(crop, k=turns, axes=(crop.ndim - 2, crop.ndim - 1))
+    labels = np.rot90(labels, k=turns, axes=(labels.ndim - 2, labels.ndim - 1))
+    return np.ascontiguousarray(crop), np.ascontiguousarray(labels)
+
+
+def check_labels_match(image: OmeImage, labels: OmeImage, name: str) -> None:
+    """Refuse a label image whose frames or spatial shape differ from the image's."""
+    frames, _, depth, height, width = image.canonical_shape
+    l_frames, l_channels, l_depth, l_height, l_width = labels.canonical_shape
+    if (frames, depth, height, width) != (l_frames, l_depth, l_height, l_width) or l_channels != 1:
+        raise UserInputError(
+            f"the labels '{name}' have shape {'x'.join(map(str, labels.data.shape))}"
+            f" ({labels.axes}), but the image {image.path} has"
+            f" {'x'.join(map(str, image.data.shape))} ({image.axes})",
+            "use a label image of the same frames and size as the image",
+        )
+    if labels.data.dtype.kind not in "iub":
+        raise UserInputError(
+            f"the labels '{name}' are of type {labels.data.dtype}, not integers",
+            "use an instance label image (integer IDs, 0 for background)",
+        )
+
+
+class LabelledCrops(torch.utils.data.Dataset):
+    """Random crops of an image and of its instance labels at the same place, with StarDist
+    targets for the network's output region (the crop less ``margin`` on every side).
+
+    Sample ``index`` is a function of (seed, index) alone, as in :class:`RandomCrops`. Both
+    crops are read lazily (only the chunks they touch). The targets are computed on the whole
+    label crop: objects cut by the crop border are cut, and with ``ignore_cut_objects`` their
+    pixels get weight 0. Returns (image (C, *crop), probability (*out), distances (n_rays, *out),
+    weight (*out)).
+    """
+
+    def __init__(
+        self,
+        image: OmeImage,
+        labels: OmeImage,
+        crop_size: int,
+        margin: int,
+        normalisation: Normalisation,
+        seed: int,
+        length: int,
+        n_rays: int,
+        ignore_cut_objects: bool = True,
+    ) -> None:
+        self.image = image
+        self.labels = labels
+        self.shape = crop_shape(image, crop_size)
+        self.margin = margin
+        self.normalisation = normalisation
+        self.seed = seed
+        self.length = length
+        self.n_rays = n_rays
+        self.ignore_cut_objects = ignore_cut_objects
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        from cellulus_scale.star_convex import (
+            object_probability,
+            star_distances,
+            touching_border,
+        )
+
+        rng = np.random.default_rng([self.seed, int(index)])
+        for _ in range(100):
+            frame, corner = random_corner(rng, self.image, self.shape)
+            raw = read_crop(self.image, frame, corner, self.shape)
+            if raw.size and raw.max() > raw.min():
+                break
+        labels = read_crop(self.labels, frame, corner, self.shape)[0]
+        crop, labels = augment_with_labels(self.normalisation.apply(raw), labels, rng)
+        inner = tuple(slice(self.margin, s - self.margin) for s in labels.shape)
+        probability = object_probability(labels)[inner]
+        distances = star_distances(labels, self.n_rays)[(slice(None), *inner)]
+        weight = np.ones(probability.shape, np.float32)
+        if self.ignore_cut_objects:
+            weight[touching_border(labels)[inner]] = 0.0
+        return (
+            torch.from_numpy(crop),
+            torch.from_numpy(np.ascontiguousarray(probability)),
+            torch.from_numpy(np.ascontiguousarray(distances)),
+            torch.from_numpy(weight),
+        )

@@ -101,3 +101,37 @@ def oce_loss(
     reg_term = _gather(offsets, anchors).norm(dim=-1).mean()
     loss = pair_term + lambda_reg * reg_term
     return loss, {"pair": float(pair_term.detach()), "reg": float(reg_term.detach())}
+
+
+def stardist_loss(
+    output: torch.Tensor,
+    probability: torch.Tensor,
+    distances: torch.Tensor,
+    weight: torch.Tensor,
+    dist_weight: float = 0.2,
+    reg_weight: float = 1e-4,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The StarDist objective (seed, Appendix B) on a batch.
+
+    ``output`` (B, 1 + n_rays, *out): the probability logit, then the ray lengths. Targets:
+    ``probability`` (B, *out) (normalised distance to the object border), ``distances``
+    (B, n_rays, *out), ``weight`` (B, *out) (0 for pixels left out of the loss).
+    Loss = weighted binary cross-entropy of the probability + ``dist_weight`` x (mean absolute
+    error of the distances weighted by the true probability, normalised by its mean, +
+    ``reg_weight`` x mean squared predicted distance on background), as StarDist does.
+    """
+    logit, predicted = output[:, 0], output[:, 1:]
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logit, probability, reduction="none")
+    total_weight = weight.sum().clamp_min(1.0)
+    prob_loss = (bce * weight).sum() / total_weight
+    mask = probability * weight
+    error = (predicted - distances).abs().mean(dim=1)
+    dist_loss = (mask * error).sum() / mask.sum().clamp_min(1e-6)
+    background = (1.0 - probability.clamp(0, 1)) * weight
+    reg = (background * (predicted**2).mean(dim=1)).sum() / total_weight
+    loss = prob_loss + dist_weight * (dist_loss + reg_weight * reg)
+    return loss, {
+        "prob": float(prob_loss.detach()),
+        "dist": float(dist_loss.detach()),
+        "reg": float(reg.detach()),
+    }

@@ -278,10 +278,7 @@ class FrameScores:
 
     def as_dict(self) -> dict[str, float | int]:
         """Flat summary (scalars plus ``ap@<threshold>`` entries), e.g. for a CSV row."""
-        out: dict[str, float | int] = {
-            name: getattr(self, name)
-            for name in SCALAR_SCORES
-        }
+        out: dict[str, float | int] = {name: getattr(self, name) for name in SCALAR_SCORES}
         for threshold, value in zip(self.thresholds, self.ap_at, strict=True):
             out[f"ap@{threshold:.2f}"] = float(value)
         return out

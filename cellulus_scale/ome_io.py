@@ -6,10 +6,12 @@ is NGFF 0.4 (zarr v2), which ome-zarr-models validates completely (see README, "
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +137,20 @@ def _scale_of(multiscale: dict[str, Any], dataset: dict[str, Any], ndim: int) ->
     return tuple(float(v) for v in scale)
 
 
+def _open_level(group: zarr.Group, path: Path, key: str) -> zarr.Group | zarr.Array:
+    """The array ``key`` of an image group; a damaged array header is named as such."""
+    try:
+        return group[key]
+    except KeyError:
+        raise  # a dataset path that does not exist: malformed multiscales metadata
+    except Exception as error:  # e.g. a .zarray or zarr.json that is not valid JSON
+        raise UserInputError(
+            f"the array {path / key} is not readable ({type(error).__name__}: "
+            f"{' '.join(str(error).split())[:80]})",
+            "its metadata is damaged; repair or re-export the image",
+        ) from None
+
+
 def open_image(path: str | os.PathLike[str], axes: str | None = None) -> OmeImage:
     """Open an OME-Zarr image (NGFF 0.4 or 0.5) or a plain zarr array lazily.
 
@@ -166,13 +182,15 @@ def open_image(path: str | os.PathLike[str], axes: str | None = None) -> OmeImag
     try:
         multiscale = multiscales[0]
         dataset = multiscale["datasets"][0]
-        array = node[dataset["path"]]
+        array = _open_level(node, path, dataset["path"])
         if not isinstance(array, zarr.Array):
             raise TypeError(f"dataset '{dataset['path']}' is not an array")
         meta_axes = "".join(
             (a["name"] if isinstance(a, dict) else a).lower() for a in multiscale.get("axes", [])
         )
         scale = _scale_of(multiscale, dataset, array.ndim)
+    except UserInputError:
+        raise
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
         raise UserInputError(
             f"{path} has malformed OME-Zarr multiscales metadata "
@@ -232,10 +250,21 @@ def check_output_path(
     parent = path.resolve().parent
     if not parent.exists():
         raise UserInputError(f"the folder {parent} does not exist", "create it first")
+    if not parent.is_dir():
+        raise UserInputError(
+            f"{parent} is a file, not a folder", "choose an output path inside a folder"
+        )
     if not os.access(parent, os.W_OK):
         raise UserInputError(
             f"the folder {parent} is not writable", "choose a writable output path"
         )
+    try:  # os.access says yes to root everywhere but on read-only mounts: really try
+        os.rmdir(tempfile.mkdtemp(prefix=".cellulus-scale-probe-", dir=parent))
+    except OSError as error:
+        raise UserInputError(
+            f"cannot create anything in the folder {parent} ({error.strerror or error})",
+            "choose a writable output path",
+        ) from None
     return path
 
 
@@ -444,3 +473,27 @@ def chunk_grid(shape: Sequence[int], chunks: Sequence[int]) -> list[tuple[slice,
             )
         )
     return regions
+
+
+def damaged_chunks(image: OmeImage, frame: int, box: Sequence[slice]) -> list[str]:
+    """The chunks of ``frame`` inside the spatial ``box`` ((y, x) or (z, y, x) slices) that
+    cannot be read, each named by its pixel ranges ('y 0:64, x 64:128'), to name in an error."""
+    data = image.canonical()[frame]
+    grids = []
+    for chunks, want in zip(data.chunks[-len(box) :], box, strict=True):
+        edges = np.concatenate([[0], np.cumsum(chunks)])
+        grids.append(
+            [
+                slice(int(a), int(b))
+                for a, b in zip(edges[:-1], edges[1:], strict=True)
+                if a < want.stop and b > want.start
+            ]
+        )
+    damaged = []
+    for chunk in itertools.product(*grids):
+        try:
+            data[(Ellipsis, *chunk)].compute(scheduler="synchronous")
+        except Exception:
+            named = zip(SPATIAL_AXES[-len(box) :], chunk, strict=True)
+            damaged.append(", ".join(f"{a} {s.start}:{s.stop}" for a, s in named))
+    return damaged

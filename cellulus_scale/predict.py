@@ -38,7 +38,7 @@ from cellulus_scale.clustering import (
     fit_sample_mask,
     postprocess,
 )
-from cellulus_scale.config import SegmentationConfig
+from cellulus_scale.config import SegmentationConfig, default_of
 from cellulus_scale.errors import UserInputError
 from cellulus_scale.kernels import predict_oce_block, reflect_indices
 from cellulus_scale.model import context, smallest_valid_size_at_least
@@ -174,9 +174,11 @@ def _frame_region(plan: Plan, frame: int, indices: Sequence[np.ndarray]) -> np.n
     try:
         values = np.asarray(region.compute(scheduler="synchronous"))
     except Exception as error:
+        bad = " and ".join(ome_io.damaged_chunks(_image(plan), frame, boxes))
         raise UserInputError(
             f"cannot read frame {frame}, region {[(b.start, b.stop) for b in boxes]} of "
-            f"{plan.input_path} ({type(error).__name__}: {str(error)[:80]})",
+            f"{plan.input_path}{f', damaged chunk {bad}' if bad else ''}"
+            f" ({type(error).__name__}: {str(error)[:80]})",
             "the input store is damaged there; repair or re-export it, then rerun with --resume",
         ) from None
     local = np.ix_(*[i - b.start for i, b in zip(indices, boxes, strict=True)])
@@ -185,8 +187,10 @@ def _frame_region(plan: Plan, frame: int, indices: Sequence[np.ndarray]) -> np.n
 
 def _check_finite(values: np.ndarray, plan: Plan, frame: int) -> None:
     if values.dtype.kind == "f" and not np.all(np.isfinite(values)):
+        kinds = (("NaN", np.isnan), ("Inf", np.isinf))
+        found = " and ".join(name for name, test in kinds if test(values).any())
         raise UserInputError(
-            f"frame {frame} of {plan.input_path} contains NaN or Inf values",
+            f"frame {frame} of {plan.input_path} contains {found} values",
             "replace them (e.g. with 0) before predicting",
         )
 
@@ -271,6 +275,8 @@ def oce_task(plan: Plan, frame: int, block: Block) -> dict[str, np.ndarray]:
         seg.noise_values,
         seg.seed,
         device,
+        # all passes in one batch on a GPU; batches of 8 keep CPU memory small
+        batch_size=seg.tta_passes if device.type == "cuda" else 8,
     )
     crop = tuple(slice(0, s) for s in block.shape)
     offsets, std = offsets[(slice(None), *crop)], std[crop]
@@ -591,13 +597,17 @@ def _run_stage(
     args: list[tuple],
     progress: bool,
     collect: Callable[[Any], None] | None = None,
+    resources: dict[str, float] | None = None,
 ) -> list[Any]:
     """Run ``function`` on every argument tuple; return the results in order, or hand each to
-    ``collect`` as it arrives (and return nothing) so that they need not all be held."""
+    ``collect`` as it arrives (and return nothing) so that they need not all be held.
+    ``resources`` (e.g. ``{"GPU": 1}``) restricts the tasks to workers that advertise them."""
     from distributed import as_completed
     from tqdm.auto import tqdm
 
-    futures = [client.submit(function, *a, pure=False, retries=2) for a in args]
+    futures = [
+        client.submit(function, *a, pure=False, retries=2, resources=resources) for a in args
+    ]
     index = {f.key: i for i, f in enumerate(futures)}
     results: list[Any] = [None] * len(futures)
     with tqdm(
@@ -611,6 +621,15 @@ def _run_stage(
                     collect(future.result())
                     future.release()
                 bar.update()
+        except OSError as error:  # a full disk or a read-only output, met by a task
+            client.cancel(futures)
+            if error.errno is None:  # e.g. distributed's CommClosedError: not a file's error
+                raise
+            output = args[0][0].output_path  # every stage's tasks take the Plan first
+            raise UserInputError(
+                f"{error.strerror} in the output {output} (stage {name})",
+                "free space or make it writable, then rerun the same command with --resume",
+            ) from None
         except BaseException:
             client.cancel(futures)
             raise
@@ -714,10 +733,10 @@ def predict(
     diameter: float,
     method: str = "cellulus",
     block_size: int | None = None,
-    tta: int = 32,
-    mode: str = "cell",
+    tta: int = default_of(SegmentationConfig, "tta_passes"),
+    mode: str = default_of(SegmentationConfig, "mode"),
     threshold: float | None = None,
-    clustering: str = "meanshift",
+    clustering: str = default_of(SegmentationConfig, "clustering"),
     scheduler: str | None = None,
     workers: int | None = None,
     save_embeddings: bool = False,
@@ -728,10 +747,12 @@ def predict(
     seed: int = 0,
     progress: bool = True,
     client: Any = None,
+    prob_threshold: float = 0.5,
+    nms_threshold: float = 0.4,
 ) -> PredictResult:
     """Segment every frame of an OME-Zarr image blockwise on Dask; write ``out.zarr`` with a
     copy of the image and the instance labels ``labels/cellulus`` (NGFF 0.4)."""
-    from cellulus_scale.cluster import dask_client, threads_per_host
+    from cellulus_scale.cluster import dask_client, network_resources, threads_per_host
 
     image = ome_io.open_image(input_path, axes)
     ome_io.check_complete(image.path)
@@ -750,13 +771,22 @@ def predict(
         threshold=threshold,
         clustering=clustering,
         seed=seed,
+        prob_threshold=prob_threshold,
+        nms_threshold=nms_threshold,
     )
     if method not in ("cellulus", "watershed"):
         raise UserInputError(f"unknown method '{method}'", "use cellulus or watershed")
     if method == "cellulus":
         if model_path is None:
             raise UserInputError("--model is missing", "pass --model MODEL.pt from 'train'")
-        checkpoint = load_checkpoint(model_path, kind="oce")
+        checkpoint = load_checkpoint(model_path)
+        if checkpoint.kind == "stardist":  # supervised refinement: see predict_stardist.py
+            from cellulus_scale.star_convex import check_two_dimensional
+
+            check_two_dimensional(image.spatial_dims, str(image.path))
+            method = "stardist"
+        elif checkpoint.kind != "oce":
+            load_checkpoint(model_path, kind="oce")  # refuses, naming the kind
     else:
         checkpoint = None
     plan = make_plan(
@@ -764,6 +794,21 @@ def predict(
     )
     if not resume:
         ome_io.check_output_path(plan.output_path, overwrite, inputs=[image.path])
+    if plan.method == "stardist":
+        from cellulus_scale.predict_stardist import predict_stardist
+
+        return predict_stardist(
+            plan,
+            image,
+            checkpoint,
+            scheduler,
+            workers,
+            client,
+            overwrite,
+            resume,
+            save_embeddings,
+            progress,
+        )
     timings: dict[str, float] = {}
     recomputed: dict[str, int] = {}
     work = [(frame, block) for frame in range(plan.frames) for block in plan.blocks]
@@ -793,7 +838,8 @@ def predict(
             _run_stage(dask, "intensity", intensity_task, arguments, progress, totals.add)
         else:
             arguments = [(plan, f, b) for f, b in work]
-            _run_stage(dask, "OCEs", oce_task, arguments, progress, totals.add)
+            gpu = network_resources(dask, plan.device)  # GPU workers, if any, run the network
+            _run_stage(dask, "OCEs", oce_task, arguments, progress, totals.add, gpu)
         timings["network"] = time.perf_counter() - start
 
         start = time.perf_counter()

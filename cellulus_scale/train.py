@@ -1,4 +1,6 @@
-"""Self-supervised OCE training (``cellulus-scale train``)."""
+"""Self-supervised OCE training (``cellulus-scale train``), and the training machinery that the
+supervised model (:mod:`cellulus_scale.train_supervised`) shares: settings and resume checks
+(:func:`prepare_training`) and the loop with checkpoints, log and plot (:func:`run_training`)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import csv
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -15,8 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from cellulus_scale.checkpoint import Checkpoint, check_compatible, load_checkpoint, save_checkpoint
-from cellulus_scale.config import PRESETS, ModelConfig, TrainConfig
+from cellulus_scale.config import PRESETS, ModelConfig, Preset, TrainConfig
 from cellulus_scale.data import (
+    Normalisation,
     RandomCrops,
     crops_per_epoch,
     estimate_normalisation,
@@ -65,21 +69,27 @@ def learning_rate(config: TrainConfig, epoch: int) -> float:
 
 
 def resolve_configs(
-    preset: str, image: OmeImage, overrides: dict[str, Any]
-) -> tuple[ModelConfig, TrainConfig]:
-    """The preset's settings, adapted to the image layout, with user overrides applied."""
-    if preset not in PRESETS:
-        raise UserInputError(f"unknown preset '{preset}'", f"use one of {', '.join(PRESETS)}")
-    chosen = PRESETS[preset]
+    preset: str,
+    image: OmeImage,
+    overrides: dict[str, Any],
+    presets: dict[str, Preset] = PRESETS,
+) -> tuple[ModelConfig, Any]:
+    """The preset's settings, adapted to the image layout, with user overrides applied.
+
+    ``presets``: :data:`PRESETS` (self-supervised) or :data:`SUPERVISED_PRESETS`."""
+    if preset not in presets:
+        raise UserInputError(f"unknown preset '{preset}'", f"use one of {', '.join(presets)}")
+    chosen = presets[preset]
+    train_fields_known = type(chosen.train).__dataclass_fields__
     unknown = sorted(
         k
         for k in overrides
-        if k not in ModelConfig.__dataclass_fields__ and k not in TrainConfig.__dataclass_fields__
+        if k not in ModelConfig.__dataclass_fields__ and k not in train_fields_known
     )
     if unknown:
         raise TypeError(f"unknown training setting(s): {', '.join(unknown)}")
     model_fields = {k: v for k, v in overrides.items() if k in ModelConfig.__dataclass_fields__}
-    train_fields = {k: v for k, v in overrides.items() if k in TrainConfig.__dataclass_fields__}
+    train_fields = {k: v for k, v in overrides.items() if k in train_fields_known}
     layout = {"spatial_dims": image.spatial_dims, "in_channels": image.canonical_shape[1]}
     model_config = replace(chosen.model, **{**layout, **model_fields})
     return model_config, replace(chosen.train, **train_fields)
@@ -125,7 +135,7 @@ def check_crop_size(
         )
 
 
-def write_loss_plot(csv_path: Path, png_path: Path) -> None:
+def write_loss_plot(csv_path: Path, png_path: Path, ylabel: str = "OCE loss") -> None:
     """Plot the loss log (raw and smoothed) to a PNG."""
     from matplotlib.figure import Figure
 
@@ -142,7 +152,7 @@ def write_loss_plot(csv_path: Path, png_path: Path) -> None:
     axis.plot(steps, losses, color="0.75", linewidth=0.8, label="loss")
     axis.plot(steps[window - 1 :], smooth, color="C0", label=f"mean of {window}")
     axis.set_xlabel("step")
-    axis.set_ylabel("OCE loss")
+    axis.set_ylabel(ylabel)
     axis.legend()
     figure.tight_layout()
     figure.savefig(png_path)
@@ -152,13 +162,15 @@ def write_loss_plot(csv_path: Path, png_path: Path) -> None:
 _RESUME_FREE = {"num_workers"}
 
 
-def _resumed_config(stored: dict[str, Any], model_path: Path) -> TrainConfig:
+def _resumed_config(
+    stored: dict[str, Any], model_path: Path, config_class: type = TrainConfig
+) -> Any:
     values = dict(stored)
     for key in ("lr_milestones", "normalisation_percentiles"):
         if key in values:
             values[key] = tuple(values[key])
     try:
-        return TrainConfig(**values)
+        return config_class(**values)
     except TypeError:
         raise UserInputError(
             f"{model_path}: its training settings are not understood by this version",
@@ -174,7 +186,7 @@ def _same(a: Any, b: Any) -> bool:
 
 def _resume_changes(
     model_config: ModelConfig,
-    train_config: TrainConfig,
+    train_config: Any,
     epochs: int | None,
     overrides: dict[str, Any],
 ) -> dict[str, Any]:
@@ -186,7 +198,7 @@ def _resume_changes(
             continue
         if key in ModelConfig.__dataclass_fields__:
             current = getattr(model_config, key)
-        elif key in TrainConfig.__dataclass_fields__:
+        elif key in type(train_config).__dataclass_fields__:
             current = getattr(train_config, key)
         else:
             raise TypeError(f"unknown training setting: {key}")
@@ -200,54 +212,58 @@ def _resume_changes(
     return changes
 
 
-def _start_log(log_path: Path, step: int) -> None:
+def _start_log(log_path: Path, step: int, columns: list[str] = LOG_COLUMNS) -> None:
     """A fresh loss log, or on resume the old one cut back to the resumed step (a run stopped
     between checkpoints logged steps that are now done again)."""
     rows: list[list[str]] = []
     if step and log_path.exists():
         with log_path.open(newline="") as handle:
             reader = csv.reader(handle)
-            if next(reader, None) == LOG_COLUMNS:
+            if next(reader, None) == columns:
                 rows = [r for r in reader if r and r[0].isdigit() and int(r[0]) <= step]
     with log_path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(LOG_COLUMNS)
+        writer.writerow(columns)
         writer.writerows(rows)
 
 
-def train(
-    image_path: str | os.PathLike[str],
-    model_path: str | os.PathLike[str],
-    preset: str = "paper",
-    axes: str | None = None,
-    epochs: int | None = None,
-    max_minutes: float | None = None,
-    device: str = "auto",
-    seed: int = 0,
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    **overrides: Any,
-) -> TrainResult:
-    """Train the mini U-Net on random crops of an OME-Zarr image; write MODEL.pt beside a CSV loss
-    log and a PNG loss plot. ``overrides`` take any ModelConfig or TrainConfig field.
+@dataclass
+class TrainingSetup:
+    """What a training run starts from: settings, normalisation and, on resume, the state."""
 
-    Every crop is a function of (seed, crop index) and every pair sample of (seed, step), and the
-    learning rate of the epoch, so ``resume=True`` continues exactly where the checkpoint stopped:
-    stopping (``max_minutes``, ``epochs``) and resuming gives the same weights as one run. On
-    resume the checkpoint's settings are kept (``preset`` and ``seed`` are ignored); ``epochs``
-    and ``num_workers`` may change, any other override must equal the stored value."""
-    model_path = Path(model_path)
-    image = open_image(image_path, axes)
-    check_complete(image.path)
+    image: OmeImage
+    model_config: ModelConfig
+    train_config: Any  # TrainConfig or SupervisedConfig
+    normalisation: Normalisation
+    checkpoint: Checkpoint | None
+    state: dict[str, Any]
+
+
+def prepare_training(
+    image: OmeImage,
+    model_path: Path,
+    kind: str,
+    presets: dict[str, Preset],
+    config_class: type,
+    check_crop: Callable[[ModelConfig, Any, tuple[int, ...]], None],
+    preset: str,
+    epochs: int | None,
+    seed: int,
+    resume: bool,
+    overwrite: bool,
+    overrides: dict[str, Any],
+) -> TrainingSetup:
+    """Settings of a new run (preset, overrides, normalisation estimated from the image) or of a
+    resumed one (the checkpoint's, of ``kind``; only ``epochs`` and ``num_workers`` may change);
+    ``check_crop`` refuses crops that do not suit the model or the image."""
     spatial_shape = tuple(image.canonical_shape[-image.spatial_dims :])
-    torch_device = choose_device(device)
+    checkpoint: Checkpoint | None = None
     if resume:
         if not model_path.exists():
             raise UserInputError(
                 f"--resume: no checkpoint at {model_path}", "drop --resume to start"
             )
-        checkpoint = load_checkpoint(model_path, kind="oce")
+        checkpoint = load_checkpoint(model_path, kind=kind)
         check_compatible(checkpoint, image.spatial_dims, image.canonical_shape[1], str(image.path))
         model_config = checkpoint.model_config
         state = checkpoint.training_state
@@ -256,13 +272,11 @@ def train(
                 f"{model_path} holds no training state to resume from",
                 "train a new model with --overwrite",
             )
-        train_config = _resumed_config(checkpoint.train_config, model_path)
+        train_config = _resumed_config(checkpoint.train_config, model_path, config_class)
         changes = _resume_changes(model_config, train_config, epochs, overrides)
         train_config = replace(train_config, **changes)
         normalisation = checkpoint.normalisation
-        check_crop_size(
-            train_config.crop_size, model_config.depth, train_config.kappa, spatial_shape
-        )
+        check_crop(model_config, train_config, spatial_shape)
     else:
         if model_path.exists() and not overwrite:
             raise UserInputError(
@@ -273,10 +287,8 @@ def train(
         if epochs is not None:
             overrides["epochs"] = epochs
         overrides["seed"] = seed
-        model_config, train_config = resolve_configs(preset, image, overrides)
-        check_crop_size(
-            train_config.crop_size, model_config.depth, train_config.kappa, spatial_shape
-        )
+        model_config, train_config = resolve_configs(preset, image, overrides, presets)
+        check_crop(model_config, train_config, spatial_shape)
         normalisation = estimate_normalisation(
             image,
             train_config.crop_size,
@@ -291,9 +303,45 @@ def train(
             f" least 1 and workers ({train_config.num_workers}) at least 0",
             "pass positive values",
         )
+    return TrainingSetup(image, model_config, train_config, normalisation, checkpoint, state)
 
+
+#: One optimisation step's loss: (model, batch on the device, step) -> (loss, extra log cells).
+StepLoss = Callable[[torch.nn.Module, Any, int], tuple[torch.Tensor, list[str]]]
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, list | tuple):
+        return type(batch)(_to_device(b, device) for b in batch)
+    return batch.to(device, non_blocking=True)
+
+
+def run_training(
+    setup: TrainingSetup,
+    model_path: Path,
+    kind: str,
+    make_dataset: Callable[[int], torch.utils.data.Dataset],
+    step_loss: StepLoss,
+    columns: list[str],
+    ylabel: str,
+    max_minutes: float | None,
+    torch_device: torch.device,
+    resume: bool,
+    progress: bool,
+    initialise: Callable[[UNet], None] | None = None,
+) -> TrainResult:
+    """The training loop shared by all models: Adam with the epoch's learning rate, batches from
+    ``make_dataset(length)`` taken in index order (so a resumed run sees the same crops), a
+    checkpoint of ``kind`` after every epoch and at the end, a CSV log with ``columns`` (step,
+    epoch, loss, the cells ``step_loss`` returns, lr, seconds, data_wait) and its plot.
+    ``initialise`` may adjust a new model's initial weights (not called on resume)."""
+    image, model_config, train_config = setup.image, setup.model_config, setup.train_config
+    normalisation, state = setup.normalisation, setup.state
     torch.manual_seed(train_config.seed)
-    model = UNet(model_config).to(torch_device)
+    model = UNet(model_config)
+    if initialise is not None and not state:
+        initialise(model)
+    model = model.to(torch_device)
     optimizer = torch.optim.Adam(model.parameters(), lr=train_config.learning_rate)
     step = 0
     final_loss = math.nan
@@ -303,6 +351,7 @@ def train(
     )
     total_steps = per_epoch * train_config.epochs
     if state:
+        assert setup.checkpoint is not None
         stored_per_epoch = int(state.get("steps_per_epoch", per_epoch))
         if stored_per_epoch != per_epoch:
             raise UserInputError(
@@ -310,7 +359,7 @@ def train(
                 f" {image.path} gives {per_epoch}: it is not the data the model was trained on",
                 "resume on the same data, or train a new model with --overwrite",
             )
-        model.load_state_dict(checkpoint.state_dict)
+        model.load_state_dict(setup.checkpoint.state_dict)
         optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
         final_loss = float(state.get("loss", math.nan))
@@ -321,14 +370,7 @@ def train(
                 f"pass --epochs {math.ceil(step / per_epoch)} or more",
             )
     start_step = step
-    dataset = RandomCrops(
-        image,
-        train_config.crop_size,
-        normalisation,
-        train_config.seed,
-        length=total_steps * train_config.batch_size,
-        elastic=train_config.elastic,
-    )
+    dataset = make_dataset(total_steps * train_config.batch_size)
     indices = range(step * train_config.batch_size, total_steps * train_config.batch_size)
     workers = train_config.num_workers if len(indices) else 0
     loader = torch.utils.data.DataLoader(
@@ -341,13 +383,12 @@ def train(
         pin_memory=torch_device.type == "cuda",
     )
     log_path = model_path.with_suffix(".loss.csv")
-    _start_log(log_path, step if resume else 0)
-    use_amp = torch_device.type == "cuda"
+    _start_log(log_path, step if resume else 0, columns)
 
     def save(current_step: int) -> None:
         save_checkpoint(
             Checkpoint(
-                kind="oce",
+                kind=kind,
                 model_config=model_config,
                 normalisation=normalisation,
                 state_dict=model.state_dict(),
@@ -392,27 +433,7 @@ def train(
             lr = learning_rate(train_config, epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = batch.to(torch_device, non_blocking=True)
-            generator = torch.Generator().manual_seed(train_config.seed * 1_000_003 + step)
-            with torch.autocast(torch_device.type, dtype=torch.bfloat16, enabled=use_amp):
-                offsets = model(batch)
-            offsets = offsets.float()
-            anchors, partners = sample_pairs(
-                tuple(offsets.shape[2:]),
-                offsets.shape[0],
-                train_config.pair_fraction,
-                train_config.kappa,
-                generator,
-                torch_device,
-            )
-            loss, parts = oce_loss(
-                offsets,
-                anchors,
-                partners,
-                train_config.tau,
-                train_config.lambda_reg,
-                train_config.damping,
-            )
+            loss, cells = step_loss(model, _to_device(batch, torch_device), step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -427,8 +448,7 @@ def train(
                     step,
                     epoch,
                     f"{final_loss:.6f}",
-                    f"{parts['pair']:.6f}",
-                    f"{parts['reg']:.4f}",
+                    *cells,
                     f"{lr:.3g}",
                     f"{time.perf_counter() - start:.2f}",
                     f"{fetch_time:.4f}",
@@ -443,7 +463,7 @@ def train(
         log_handle.close()
     loop_seconds = time.perf_counter() - start
     save(step)
-    write_loss_plot(log_path, model_path.with_suffix(".loss.png"))
+    write_loss_plot(log_path, model_path.with_suffix(".loss.png"), ylabel)
     seconds = time.perf_counter() - start
     done = step - start_step
     return TrainResult(
@@ -454,4 +474,101 @@ def train(
         seconds=seconds,
         data_wait_fraction=waited / loop_seconds if loop_seconds > 0 and done else 0.0,
         stopped_early=stopped_early,
+    )
+
+
+def train(
+    image_path: str | os.PathLike[str],
+    model_path: str | os.PathLike[str],
+    preset: str = "paper",
+    axes: str | None = None,
+    epochs: int | None = None,
+    max_minutes: float | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    **overrides: Any,
+) -> TrainResult:
+    """Train the mini U-Net on random crops of an OME-Zarr image; write MODEL.pt beside a CSV loss
+    log and a PNG loss plot. ``overrides`` take any ModelConfig or TrainConfig field.
+
+    Every crop is a function of (seed, crop index) and every pair sample of (seed, step), and the
+    learning rate of the epoch, so ``resume=True`` continues exactly where the checkpoint stopped:
+    stopping (``max_minutes``, ``epochs``) and resuming gives the same weights as one run. On
+    resume the checkpoint's settings are kept (``preset`` and ``seed`` are ignored); ``epochs``
+    and ``num_workers`` may change, any other override must equal the stored value."""
+    model_path = Path(model_path)
+    image = open_image(image_path, axes)
+    check_complete(image.path)
+    torch_device = choose_device(device)
+
+    def check_crop(model_config: ModelConfig, config: TrainConfig, shape: tuple[int, ...]) -> None:
+        check_crop_size(config.crop_size, model_config.depth, config.kappa, shape)
+
+    setup = prepare_training(
+        image,
+        model_path,
+        "oce",
+        PRESETS,
+        TrainConfig,
+        check_crop,
+        preset,
+        epochs,
+        seed,
+        resume,
+        overwrite,
+        overrides,
+    )
+    train_config: TrainConfig = setup.train_config
+    use_amp = torch_device.type == "cuda"
+
+    def make_dataset(length: int) -> RandomCrops:
+        return RandomCrops(
+            image,
+            train_config.crop_size,
+            setup.normalisation,
+            train_config.seed,
+            length=length,
+            elastic=train_config.elastic,
+        )
+
+    def step_loss(
+        model: torch.nn.Module, batch: torch.Tensor, step: int
+    ) -> tuple[torch.Tensor, list[str]]:
+        generator = torch.Generator().manual_seed(train_config.seed * 1_000_003 + step)
+        with torch.autocast(torch_device.type, dtype=torch.bfloat16, enabled=use_amp):
+            offsets = model(batch)
+        offsets = offsets.float()
+        anchors, partners = sample_pairs(
+            tuple(offsets.shape[2:]),
+            offsets.shape[0],
+            train_config.pair_fraction,
+            train_config.kappa,
+            generator,
+            torch_device,
+        )
+        loss, parts = oce_loss(
+            offsets,
+            anchors,
+            partners,
+            train_config.tau,
+            train_config.lambda_reg,
+            train_config.damping,
+        )
+        return loss, [f"{parts['pair']:.6f}", f"{parts['reg']:.4f}"]
+
+    return run_training(
+        setup,
+        model_path,
+        "oce",
+        make_dataset,
+        step_loss,
+        LOG_COLUMNS,
+        "OCE loss",
+        max_minutes,
+        torch_device,
+        resume,
+        progress,
     )

@@ -41,43 +41,66 @@ def main() -> None:
     shape = tuple(int(v) for v in args.shape.split(","))
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
-        video = write_simulation(folder / "video.zarr", SimulationSpec(
-            frames=args.frames, shape=shape, seed=args.seed + 5))
+        video = write_simulation(
+            folder / "video.zarr",
+            SimulationSpec(frames=args.frames, shape=shape, seed=args.seed + 5),
+        )
         model = folder / "model.pt"
         train(video, model, preset="cpu", max_minutes=args.minutes, progress=False)
-        cluster = LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1",
-                               dashboard_address=None)
+        cluster = LocalCluster(
+            n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None
+        )
         with Client(cluster) as client:
 
             def run(name: str, **options) -> tuple[Path, dict[str, float]]:
                 out = folder / f"{name}.zarr"
-                result = predict(video, out, model, diameter=24, overwrite=True, progress=False,
-                                 client=client, mode=args.mode, seed=args.seed, **options)
+                result = predict(
+                    video,
+                    out,
+                    model,
+                    diameter=24,
+                    overwrite=True,
+                    progress=False,
+                    client=client,
+                    mode=args.mode,
+                    seed=args.seed,
+                    **options,
+                )
                 return out, result.seconds
 
             run("warm-up", tta=1)
-            print(f"# {args.frames} frames of {shape}, cpu preset ({args.minutes:g} min),"
-                  f" mode {args.mode}, 2 workers")
+            print(
+                f"# {args.frames} frames of {shape}, cpu preset ({args.minutes:g} min),"
+                f" mode {args.mode}, 2 workers"
+            )
             print("tta   F1     SEG    AP     network-s")
             for passes in (int(p) for p in args.passes.split(",")):
                 out, seconds = run(f"tta{passes}", tta=passes)
                 scores = evaluate(out, video).overall
-                print(f"{passes:3d}   {scores.f1:.3f}  {scores.seg:.3f}  {scores.ap:.3f}"
-                      f"  {seconds['network']:8.2f}", flush=True)
+                print(
+                    f"{passes:3d}   {scores.f1:.3f}  {scores.seg:.3f}  {scores.ap:.3f}"
+                    f"  {seconds['network']:8.2f}",
+                    flush=True,
+                )
             print("clustering  F1     SEG    AP     clustering-s  stitching-s")
             outputs = {}
             for method in ("meanshift", "sklearn"):
                 out, seconds = run(method, clustering=method)
                 outputs[method] = out
                 scores = evaluate(out, video).overall
-                print(f"{method:10s}  {scores.f1:.3f}  {scores.seg:.3f}  {scores.ap:.3f}"
-                      f"  {seconds['clustering']:12.2f}  {seconds['stitching']:11.2f}", flush=True)
+                print(
+                    f"{method:10s}  {scores.f1:.3f}  {scores.seg:.3f}  {scores.ap:.3f}"
+                    f"  {seconds['clustering']:12.2f}  {seconds['stitching']:11.2f}",
+                    flush=True,
+                )
             fast = open_labels(outputs["meanshift"], "cellulus").data.compute()
             reference = open_labels(outputs["sklearn"], "cellulus").data.compute()
             agreement = combine([score_frame(r, f) for r, f in zip(reference, fast, strict=True)])
             identical = float(np.mean(fast == reference))
-            print(f"meanshift vs sklearn: F1@0.5 {agreement.f1:.3f}, AP {agreement.ap:.3f},"
-                  f" identical pixels {100 * identical:.2f}%")
+            print(
+                f"meanshift vs sklearn: F1@0.5 {agreement.f1:.3f}, AP {agreement.ap:.3f},"
+                f" identical pixels {100 * identical:.2f}%"
+            )
         cluster.close()
 
 

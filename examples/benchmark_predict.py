@@ -48,7 +48,7 @@ def plain_forward_rate(model_path: Path, passes: int, threads: int, tile: int = 
     checkpoint = load_checkpoint(model_path)
     model = checkpoint.build_model()
     size = smallest_valid_size_at_least(
-        block + 2 * context(checkpoint.model_config.depth), checkpoint.model_config.depth
+        tile + 2 * context(checkpoint.model_config.depth), checkpoint.model_config.depth
     )
     batch = torch.rand(min(passes, 8), 1, size, size)
     with torch.no_grad():
@@ -123,8 +123,15 @@ def main() -> None:
                 memory = peak_worker_memory(client)
             cluster.close()
             megapixels = frames * shape[0] * shape[1] / 1e6
-            stages = ["network", "statistics", "clustering", "stitching", "post-processing",
-                      "writing labels", "writing"]
+            stages = [
+                "network",
+                "statistics",
+                "clustering",
+                "stitching",
+                "post-processing",
+                "writing labels",
+                "writing",
+            ]
             per = [result.seconds.get(s, 0.0) / megapixels for s in stages]
             efficiency = (megapixels * 1e6 / result.seconds["network"]) / forward
             print(

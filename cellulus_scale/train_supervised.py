@@ -1,0 +1,176 @@
+"""Supervised refinement (``cellulus-scale train-supervised``; seed, Appendix B).
+
+A depth-3 U-Net of the same blocks as the self-supervised model, trained with the StarDist
+objective (per-pixel object probability and star-convex radial distances) on an NGFF label
+image: typically Cellulus' own segmentation (``out.zarr`` from ``predict`` holds a copy of the
+image and ``labels/cellulus``), or true annotations. The checkpoint is of kind "stardist" with
+``out_channels = 1 + n_rays``; ``predict`` dispatches on it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cellulus_scale.config import SUPERVISED_PRESETS, ModelConfig, SupervisedConfig
+from cellulus_scale.data import LabelledCrops, check_labels_match
+from cellulus_scale.errors import UserInputError
+from cellulus_scale.loss import stardist_loss
+from cellulus_scale.model import check_input_size, context, output_size
+from cellulus_scale.ome_io import check_complete, open_image, open_labels
+from cellulus_scale.star_convex import check_two_dimensional
+from cellulus_scale.train import (
+    TrainResult,
+    choose_device,
+    prepare_training,
+    run_training,
+)
+
+KIND = "stardist"
+INIT_CROPS = 8  # crops whose targets set the initial ray length
+LOG_COLUMNS = ["step", "epoch", "loss", "prob", "dist", "lr", "seconds", "data_wait"]
+
+
+def check_supervised_crop(
+    model_config: ModelConfig, config: SupervisedConfig, spatial_shape: tuple[int, ...]
+) -> None:
+    """Refuse crops the depth-``d`` network cannot take or that do not fit in the image."""
+    depth = model_config.depth
+    check_input_size(config.crop_size, depth)
+    side = min(spatial_shape)
+    if config.crop_size > side:
+        largest = next((s for s in range(side, 0, -1) if output_size(s, depth) is not None), None)
+        shape = "x".join(map(str, spatial_shape))
+        if largest is None:
+            raise UserInputError(
+                f"the image ({shape}) is smaller than the smallest crop the depth-{depth}"
+                " network can take",
+                "train on larger images",
+            )
+        raise UserInputError(
+            f"crop size {config.crop_size} is larger than the image ({shape})",
+            f"use --crop-size {largest} or smaller (a size the depth-{depth} network can take)",
+        )
+    if config.n_rays < 3:
+        raise UserInputError(f"--n-rays {config.n_rays} is too few", "use e.g. --n-rays 32")
+    if model_config.outputs != 1 + config.n_rays:
+        raise UserInputError(
+            f"the model has {model_config.outputs} outputs, but {config.n_rays} rays need"
+            f" {1 + config.n_rays}",
+            "drop --out-channels; it follows from --n-rays",
+        )
+
+
+def train_supervised(
+    image_path: str | os.PathLike[str],
+    model_path: str | os.PathLike[str],
+    labels: str | None = None,
+    preset: str = "paper",
+    axes: str | None = None,
+    epochs: int | None = None,
+    max_minutes: float | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    **overrides: Any,
+) -> TrainResult:
+    """Train the depth-3 StarDist model on random crops of an OME-Zarr image and of its label
+    image ``labels/<labels>``; write MODEL.pt (kind "stardist") beside a CSV loss log and a PNG
+    loss plot. ``overrides`` take any ModelConfig or SupervisedConfig field.
+
+    As :func:`cellulus_scale.train.train`: every crop is a function of (seed, crop index), so
+    ``resume=True`` continues exactly; on resume the checkpoint's settings are kept (``labels``
+    may be left out), ``epochs`` and ``num_workers`` may change."""
+    model_path = Path(model_path)
+    image = open_image(image_path, axes)
+    check_complete(image.path)
+    check_two_dimensional(image.spatial_dims, str(image.path))
+    torch_device = choose_device(device)
+    if labels is not None:  # checked before anything is read or estimated
+        check_labels_match(image, open_labels(image.path, labels), labels)
+        overrides["labels"] = labels
+    elif not resume:
+        raise UserInputError(
+            "--labels is missing",
+            "name the label image to learn from, e.g. --labels cellulus (a 'predict' output)",
+        )
+    if "n_rays" in overrides and not resume:
+        overrides.setdefault("out_channels", 1 + int(overrides["n_rays"]))
+    setup = prepare_training(
+        image,
+        model_path,
+        KIND,
+        SUPERVISED_PRESETS,
+        SupervisedConfig,
+        check_supervised_crop,
+        preset,
+        epochs,
+        seed,
+        resume,
+        overwrite,
+        overrides,
+    )
+    config: SupervisedConfig = setup.train_config
+    label_image = open_labels(image.path, config.labels)
+    check_labels_match(image, label_image, config.labels)
+    margin = context(setup.model_config.depth)
+    use_amp = torch_device.type == "cuda"
+
+    def make_dataset(length: int) -> LabelledCrops:
+        return LabelledCrops(
+            image,
+            label_image,
+            config.crop_size,
+            margin,
+            setup.normalisation,
+            config.seed,
+            length,
+            config.n_rays,
+            config.ignore_cut_objects,
+        )
+
+    def step_loss(
+        model: torch.nn.Module, batch: tuple[torch.Tensor, ...], step: int
+    ) -> tuple[torch.Tensor, list[str]]:
+        crops, probability, distances, weight = batch
+        with torch.autocast(torch_device.type, dtype=torch.bfloat16, enabled=use_amp):
+            output = model(crops)
+        loss, parts = stardist_loss(
+            output.float(),
+            probability,
+            distances,
+            weight,
+            config.dist_weight,
+            config.reg_weight,
+        )
+        return loss, [f"{parts['prob']:.6f}", f"{parts['dist']:.6f}"]
+
+    def initialise(model: torch.nn.Module) -> None:
+        """Start the ray lengths at the mean object ray length of the first crops (the output
+        is linear, as StarDist's; from zero it takes many steps to reach the objects' size)."""
+        sample = make_dataset(INIT_CROPS)
+        targets = [sample[i] for i in range(INIT_CROPS)]
+        inside = torch.cat([d[:, p > 0].flatten() for _, p, d, _ in targets])
+        if inside.numel():
+            with torch.no_grad():
+                model.head[-1].bias[1:] = inside.mean()
+
+    return run_training(
+        setup,
+        model_path,
+        KIND,
+        make_dataset,
+        step_loss,
+        LOG_COLUMNS,
+        "StarDist loss",
+        max_minutes,
+        torch_device,
+        resume,
+        progress,
+        initialise,
+    )
