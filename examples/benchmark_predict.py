@@ -94,8 +94,10 @@ def main() -> None:
         overhead = ((args.block_size + 2 * halo) ** 2 / args.block_size**2) - 1
         print(f"halo {halo} px per side: {100 * overhead:.1f}% more input than output pixels")
         print(
-            "frames  network  statistics  clustering  labels  writing  total"
-            "  (s/megapixel)  network-efficiency  peak-worker-MB"
+            "seconds per megapixel of video, per stage; net-efficiency = blockwise OCE throughput"
+            " / plain batched forward passes\n"
+            "frames    network  statistic  clusterin  stitching  postproc.  write-lab   pyramids"
+            "    total  net-efficiency  peak-worker-MB"
         )
         for frames in (int(v) for v in args.frames.split(",")):
             video = write_simulation(
