@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from cellulus_scale.config import SegmentationConfig, default_of
 from cellulus_scale.evaluate import evaluate
 from cellulus_scale.predict import predict
 from cellulus_scale.simulate import SimulationSpec
@@ -32,13 +33,15 @@ def main() -> None:
     parser.add_argument("--shape", default="256,256")
     parser.add_argument("--minutes", type=float, default=2.0, help="training budget per video")
     parser.add_argument("--preset", default="cpu")
-    parser.add_argument("--tta", type=int, default=32)
+    parser.add_argument("--tta", type=int, default=default_of(SegmentationConfig, "tta_passes"))
+    parser.add_argument("--epochs", type=int, default=None, help="Cellulus epochs (preset's)")
     parser.add_argument("--mode", default="nucleus", choices=["cell", "nucleus", "none"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     shape = tuple(int(v) for v in args.shape.split(","))
     print(
-        f"# {args.frames} frames of {shape}, preset {args.preset}, budget {args.minutes:g} min,"
+        f"# {args.frames} frames of {shape}, preset {args.preset},"
+        f" epochs {args.epochs or 'preset'}, budget {args.minutes:g} min,"
         f" tta {args.tta}, mode {args.mode}"
     )
     print("video        method     F1     SEG    AP     train-s  predict-s")
@@ -57,6 +60,7 @@ def main() -> None:
                 video,
                 model,
                 preset=args.preset,
+                epochs=args.epochs,
                 max_minutes=args.minutes,
                 progress=False,
                 seed=args.seed,
