@@ -16,12 +16,13 @@ redoes only what is missing:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -686,6 +687,31 @@ def _chunks(plan: Plan, axes: str, shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(chunks)
 
 
+@contextlib.contextmanager
+def run_session(
+    plan: Plan,
+    image: ome_io.OmeImage,
+    client: Any,
+    scheduler: str | None,
+    workers: int | None,
+    overwrite: bool,
+    resume: bool,
+    progress: bool,
+) -> Iterator[tuple[Any, Plan, zarr.Group]]:
+    """The Dask client of a run (``client``, or a cluster started for it), the plan sized to
+    its workers, and the prepared output store."""
+    from cellulus_scale.cluster import dask_client, threads_per_host
+
+    manager = (
+        contextlib.nullcontext(client) if client is not None else dask_client(scheduler, workers)
+    )
+    with manager as dask:
+        if progress and dask.dashboard_link:
+            print(f"Dask dashboard: {dask.dashboard_link}", flush=True)
+        plan = replace(plan, torch_threads=threads_per_host(dask))
+        yield dask, plan, _prepare_output(plan, image, overwrite, resume)
+
+
 def make_plan(
     image: ome_io.OmeImage,
     output_path: str | os.PathLike[str],
@@ -752,7 +778,7 @@ def predict(
 ) -> PredictResult:
     """Segment every frame of an OME-Zarr image blockwise on Dask; write ``out.zarr`` with a
     copy of the image and the instance labels ``labels/cellulus`` (NGFF 0.4)."""
-    from cellulus_scale.cluster import dask_client, network_resources, threads_per_host
+    from cellulus_scale.cluster import network_resources
 
     image = ome_io.open_image(input_path, axes)
     ome_io.check_complete(image.path)
@@ -813,18 +839,11 @@ def predict(
     recomputed: dict[str, int] = {}
     work = [(frame, block) for frame in range(plan.frames) for block in plan.blocks]
 
-    if client is None:
-        context_manager = dask_client(scheduler, workers)
-    else:
-        from contextlib import nullcontext
-
-        context_manager = nullcontext(client)
-    with context_manager as dask:
-        if progress and dask.dashboard_link:
-            print(f"Dask dashboard: {dask.dashboard_link}", flush=True)
-        plan = Plan(**{**plan.__dict__, "torch_threads": threads_per_host(dask)})
-        root = _prepare_output(plan, image, overwrite, resume)
-
+    with run_session(plan, image, client, scheduler, workers, overwrite, resume, progress) as (
+        dask,
+        plan,
+        root,
+    ):
         start = time.perf_counter()
         recomputed["oce"] = len(work) - _count_done(plan, "oce", work)
         totals = HistogramTotals(plan)

@@ -53,11 +53,11 @@ from cellulus_scale.predict import (
     _load_model,
     _marker,
     _output_index,
-    _prepare_output,
     _run_stage,
     _save_marker,
     _squeeze_like,
     finish_output,
+    run_session,
 )
 from cellulus_scale.star_convex import check_two_dimensional, render_polygons, suppress
 
@@ -218,7 +218,7 @@ def predict_stardist(
 ) -> PredictResult:
     """Run the StarDist stages of ``plan`` (``checkpoint``: its model, of kind "stardist") on
     Dask; write labels/cellulus; mark the output complete."""
-    from cellulus_scale.cluster import dask_client, network_resources, threads_per_host
+    from cellulus_scale.cluster import network_resources
 
     check_two_dimensional(plan.spatial_dims, plan.input_path)
     if save_embeddings:
@@ -230,18 +230,11 @@ def predict_stardist(
     timings: dict[str, float] = {}
     recomputed: dict[str, int] = {}
     work = [(frame, block) for frame in range(plan.frames) for block in plan.blocks]
-    if client is None:
-        context_manager = dask_client(scheduler, workers)
-    else:
-        from contextlib import nullcontext
-
-        context_manager = nullcontext(client)
-    with context_manager as dask:
-        if progress and dask.dashboard_link:
-            print(f"Dask dashboard: {dask.dashboard_link}", flush=True)
-        plan = Plan(**{**plan.__dict__, "torch_threads": threads_per_host(dask)})
-        root = _prepare_output(plan, image, overwrite, resume)
-
+    with run_session(plan, image, client, scheduler, workers, overwrite, resume, progress) as (
+        dask,
+        plan,
+        root,
+    ):
         start = time.perf_counter()
         recomputed["candidates"] = len(work) - _count_done(plan, "candidates", work)
         gpu = network_resources(dask, plan.device)  # GPU workers, if any, run the network

@@ -43,6 +43,15 @@ def user_errors(function: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _report_training(result: Any) -> None:
+    state = "stopped at the time limit" if result.stopped_early else "finished"
+    click.echo(
+        f"{state}: {result.steps}/{result.total_steps} steps, loss {result.final_loss:.4f},"
+        f" {result.seconds:.0f} s, {100 * result.data_wait_fraction:.1f}% waiting for data;"
+        f" wrote {result.checkpoint}"
+    )
+
+
 def _shape(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(","))
@@ -191,12 +200,7 @@ def train(
         overwrite=overwrite,
         **overrides,
     )
-    state = "stopped at the time limit" if result.stopped_early else "finished"
-    click.echo(
-        f"{state}: {result.steps}/{result.total_steps} steps, loss {result.final_loss:.4f},"
-        f" {result.seconds:.0f} s, {100 * result.data_wait_fraction:.1f}% waiting for data;"
-        f" wrote {result.checkpoint}"
-    )
+    _report_training(result)
 
 
 @main.command(
@@ -270,12 +274,7 @@ def train_supervised(
         overwrite=overwrite,
         **overrides,
     )
-    state = "stopped at the time limit" if result.stopped_early else "finished"
-    click.echo(
-        f"{state}: {result.steps}/{result.total_steps} steps, loss {result.final_loss:.4f},"
-        f" {result.seconds:.0f} s, {100 * result.data_wait_fraction:.1f}% waiting for data;"
-        f" wrote {result.checkpoint}"
-    )
+    _report_training(result)
 
 
 @main.command(
