@@ -41,8 +41,12 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Self-supervised OCE training (seed, Appendix A)."""
+class CropTraining:
+    """What every training run shares: random crops, Adam with step decay, normalisation.
+
+    An epoch is enough crops to cover every pixel of the data once, and at least
+    ``min_crops_per_epoch``.
+    """
 
     crop_size: int = 252
     batch_size: int = 8
@@ -50,13 +54,7 @@ class TrainConfig:
     epochs: int = 50
     lr_milestones: tuple[int, ...] = (20, 30)
     lr_gamma: float = 0.1
-    tau: float = 10.0
-    lambda_reg: float = 1e-5
-    kappa: float = 10.0
-    pair_fraction: float = 0.2
-    damping: Damping = "seed"
     min_crops_per_epoch: int = 400
-    elastic: bool = False
     num_workers: int = 2
     seed: int = 0
     normalisation_percentiles: tuple[float, float] = (1.0, 99.8)
@@ -67,6 +65,18 @@ class TrainConfig:
         values["lr_milestones"] = list(self.lr_milestones)
         values["normalisation_percentiles"] = list(self.normalisation_percentiles)
         return values
+
+
+@dataclass(frozen=True)
+class TrainConfig(CropTraining):
+    """Self-supervised OCE training (seed, Appendix A)."""
+
+    tau: float = 10.0
+    lambda_reg: float = 1e-5
+    kappa: float = 10.0
+    pair_fraction: float = 0.2
+    damping: Damping = "seed"
+    elastic: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,37 +113,23 @@ PRESETS: dict[str, Preset] = {
 
 
 @dataclass(frozen=True)
-class SupervisedConfig:
+class SupervisedConfig(CropTraining):
     """Supervised refinement (seed, Appendix B): the StarDist objective on given labels.
 
-    The fields the training loop shares with :class:`TrainConfig` have the same names and
-    meaning; the loss is BCE on the per-pixel object probability (normalised distance to the
+    Shares :class:`CropTraining` with :class:`TrainConfig` (Appendix B's optimiser settings as
+    defaults); the loss is BCE on the per-pixel object probability (normalised distance to the
     object's border) plus ``dist_weight`` x the probability-weighted mean absolute error of the
     ``n_rays`` star-convex radial distances (+ ``reg_weight`` x their square on background).
     """
 
-    labels: str = "cellulus"
-    crop_size: int = 252
-    batch_size: int = 8
     learning_rate: float = 1e-5
     epochs: int = 200
     lr_milestones: tuple[int, ...] = (30, 80, 160)
-    lr_gamma: float = 0.1
+    labels: str = "cellulus"
     n_rays: int = 32
     dist_weight: float = 0.2
     reg_weight: float = 1e-4
     ignore_cut_objects: bool = True  # objects touching the crop border do not enter the loss
-    min_crops_per_epoch: int = 400
-    num_workers: int = 2
-    seed: int = 0
-    normalisation_percentiles: tuple[float, float] = (1.0, 99.8)
-    normalisation_samples: int = 32
-
-    def to_dict(self) -> dict[str, Any]:
-        values = asdict(self)
-        values["lr_milestones"] = list(self.lr_milestones)
-        values["normalisation_percentiles"] = list(self.normalisation_percentiles)
-        return values
 
 
 SUPERVISED_DEPTH = 3
