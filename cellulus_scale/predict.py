@@ -572,6 +572,13 @@ def default_block_size(spatial_dims: int) -> int:
     return 256 if spatial_dims == 2 else 64
 
 
+def smallest_block_size(depth: int, diameter: float) -> int:
+    """The smallest block the halos and the depth-``depth`` pooling grid allow."""
+    step = 2**depth
+    minimum = max(2 * context(depth), int(math.ceil(diameter)), step)
+    return math.ceil(minimum / step) * step
+
+
 def check_block_size(block_size: int, depth: int, diameter: float) -> None:
     """Refuse blocks the halos or the network's pooling grid cannot work with."""
     step = 2**depth
@@ -734,7 +741,11 @@ def make_plan(
             "give the typical object diameter in pixels",
         )
     model_depth = checkpoint.model_config.depth if checkpoint is not None else 0
-    size = block_size if block_size is not None else default_block_size(image.spatial_dims)
+    if block_size is None:  # the default, grown where a deep network needs larger blocks
+        default = default_block_size(image.spatial_dims)
+        size = max(default, smallest_block_size(model_depth, segmentation.diameter))
+    else:
+        size = block_size
     check_block_size(size, model_depth, segmentation.diameter)
     return Plan(
         input_path=str(image.path),
@@ -807,9 +818,6 @@ def predict(
             raise UserInputError("--model is missing", "pass --model MODEL.pt from 'train'")
         checkpoint = load_checkpoint(model_path)
         if checkpoint.kind == "stardist":  # supervised refinement: see predict_stardist.py
-            from cellulus_scale.star_convex import check_two_dimensional
-
-            check_two_dimensional(image.spatial_dims, str(image.path))
             method = "stardist"
         elif checkpoint.kind != "oce":
             load_checkpoint(model_path, kind="oce")  # refuses, naming the kind

@@ -5,11 +5,12 @@ Stages, each a set of independent block tasks recorded for ``--resume`` like the
 
 1. ``candidates``: the network's object probability and ray lengths on the block grown by a
    halo H (one object diameter, rounded up to the pooling grid), read with the network's
-   context (``model.context(3)`` = 44 px for the depth-3 model) and reflect padding at the
-   frame border; every pixel of the grown block whose probability exceeds ``prob_threshold``
-   is a candidate polygon; non-maximum suppression (overlap above ``nms_threshold``) runs on
-   them; the block keeps the surviving candidates whose centre pixel lies in its core
-   (centre ownership, as for the OCE centres). Also writes the image copy.
+   context (``model.context(3)`` = 44 px per side on every axis for the depth-3 model) and
+   reflect padding at the frame border; every pixel of the grown block whose probability
+   exceeds ``prob_threshold`` is a candidate polygon (polyhedron in 3D); non-maximum
+   suppression (overlap above ``nms_threshold``) runs on them; the block keeps the surviving
+   candidates whose centre pixel lies in its core (centre ownership, as for the OCE
+   centres). Also writes the image copy.
 2. The kept candidates of the video are sorted by (frame, position) and numbered 1..N.
 3. ``labels``: each block draws, at global coordinates, every kept polygon of its frame that
    overlaps its grown region (less probable first, ties by ID) and writes its core.
@@ -18,7 +19,8 @@ The network's read window starts on the same pooling phase for every block, so a
 probability and distances do not depend on the block; suppression visits candidates in an
 order fixed by probability and global position; rendering is a function of global
 coordinates. Labels therefore agree between block sizes (up to suppression chains longer than
-the halo, which are rare).
+the halo, which are rare). The same holds in 3D (blocks in z, y and x; polyhedra on rays on a
+sphere, StarDist's 3D suppression and rendering).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ from cellulus_scale.predict import (
     finish_output,
     run_session,
 )
-from cellulus_scale.star_convex import check_two_dimensional, render_polygons, suppress
+from cellulus_scale.star_convex import render_polygons, suppress
 
 
 def suppression_halo(plan: Plan, depth: int) -> tuple[int, int]:
@@ -220,7 +222,6 @@ def predict_stardist(
     Dask; write labels/cellulus; mark the output complete."""
     from cellulus_scale.cluster import network_resources
 
-    check_two_dimensional(plan.spatial_dims, plan.input_path)
     if save_embeddings:
         raise UserInputError(
             "--save-embeddings is for OCE models; a StarDist model has no embeddings",

@@ -5,39 +5,57 @@ probability come from the ``stardist`` package (its C++ kernels, used without Te
 only ``stardist.geometry``, ``stardist.nms`` and ``stardist.utils``); this module fixes the
 conventions around them that blockwise prediction needs:
 
-- rays: angle ``2 pi k / n`` with ``dy = sin``, ``dx = cos`` (StarDist's convention);
+- rays: in 2D, angle ``2 pi k / n`` with ``dy = sin``, ``dx = cos`` (StarDist's convention);
+  in 3D, StarDist's golden spiral on the unit sphere (``Rays_GoldenSpiral(n)``, isotropic),
+  directions (dz, dy, dx);
 - suppression visits candidates in a deterministic order (probability, then global position),
-  so that two blocks that see the same candidates keep the same ones;
+  so that two blocks that see the same candidates keep the same ones (in 3D the overlap is
+  StarDist's polyhedron overlap);
 - rendering draws polygons in a deterministic order (probability ascending, then ID: the
   more probable polygon is drawn last and wins where two overlap) with global IDs, at global
   coordinates, so every block draws the same pixels.
 
-Only 2D is implemented; :func:`check_two_dimensional` refuses 3D with one line.
+2D objects are polygons, 3D objects polyhedra (rendered with StarDist's
+``polyhedron_to_label``, one polyhedron at a time, so the drawing order stays ours).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
 
 import numpy as np
 from skimage.draw import polygon as draw_polygon
 
-from cellulus_scale.errors import UserInputError
-
-
-def check_two_dimensional(spatial_dims: int, where: str) -> None:
-    """Refuse 3D data: the star-convex (StarDist) model is implemented for 2D images only."""
-    if spatial_dims != 2:
-        raise UserInputError(
-            f"{where} is {spatial_dims}D, but the supervised StarDist model is implemented for"
-            " 2D images only",
-            "use the self-supervised model ('cellulus-scale train') for 3D data",
-        )
+#: Default number of rays: 32 on a circle in 2D, 96 on a sphere in 3D.
+DEFAULT_RAYS = {2: 32, 3: 96}
+#: The fewest rays a 3D golden spiral needs to span a polyhedron.
+MIN_RAYS = {2: 3, 3: 6}
 
 
 def ray_angles(n_rays: int) -> np.ndarray:
-    """Angles of the rays: 2 pi k / n_rays."""
+    """Angles of the 2D rays: 2 pi k / n_rays."""
     return np.arange(n_rays) * (2 * np.pi / n_rays)
+
+
+@lru_cache(maxsize=8)
+def sphere_rays(n_rays: int) -> Any:
+    """StarDist's 3D rays: ``n_rays`` golden-spiral directions on the unit sphere (isotropic),
+    with the triangular faces between them."""
+    from stardist import Rays_GoldenSpiral
+
+    return Rays_GoldenSpiral(n_rays, anisotropy=None)
+
+
+def ray_directions(n_rays: int, dims: int) -> np.ndarray:
+    """Unit directions (dims, n_rays) of the rays: (dy, dx) in 2D, (dz, dy, dx) in 3D."""
+    if dims == 2:
+        angles = ray_angles(n_rays)
+        return np.stack([np.sin(angles), np.cos(angles)])
+    if dims == 3:
+        return np.asarray(sphere_rays(n_rays).vertices, np.float64).T
+    raise ValueError(f"star-convex objects are 2D or 3D, not {dims}D")
 
 
 def _sequential(labels: np.ndarray) -> np.ndarray:
@@ -50,15 +68,20 @@ def _sequential(labels: np.ndarray) -> np.ndarray:
     return inverse.reshape(labels.shape).astype(np.uint16)
 
 
-def star_distances(labels: np.ndarray, n_rays: int = 32) -> np.ndarray:
-    """Radial distances (n_rays, H, W), float32: for every object pixel, the distance along each
-    ray to the last pixel of the same object (outside the array counts as background); zero on
-    background. Computed on ``labels`` as given, so objects cut by its border are cut."""
-    from stardist.geometry import star_dist
+def star_distances(labels: np.ndarray, n_rays: int | None = None) -> np.ndarray:
+    """Radial distances (n_rays, *shape), float32: for every object pixel (voxel in 3D), the
+    distance along each ray to the last pixel of the same object (outside the array counts as
+    background); zero on background. Computed on ``labels`` as given, so objects cut by its
+    border are cut. ``n_rays`` defaults to 32 in 2D and 96 in 3D."""
+    from stardist.geometry import star_dist, star_dist3D
 
-    if labels.ndim != 2:
-        raise ValueError(f"star_distances takes a 2D label image, got {labels.ndim}D")
-    distances = star_dist(_sequential(labels), n_rays)
+    if labels.ndim not in (2, 3):
+        raise ValueError(f"star_distances takes a 2D or 3D label image, got {labels.ndim}D")
+    n_rays = DEFAULT_RAYS[labels.ndim] if n_rays is None else n_rays
+    if labels.ndim == 2:
+        distances = star_dist(_sequential(labels), n_rays)
+    else:
+        distances = star_dist3D(_sequential(labels), sphere_rays(n_rays))
     return np.ascontiguousarray(np.moveaxis(distances, -1, 0), dtype=np.float32)
 
 
@@ -86,10 +109,10 @@ def touching_border(labels: np.ndarray) -> np.ndarray:
 
 
 def polygon_vertices(points: np.ndarray, distances: np.ndarray) -> np.ndarray:
-    """Vertices (n, 2, n_rays) of the polygons with centres ``points`` (n, 2) and ray lengths
-    ``distances`` (n, n_rays), in float64."""
-    angles = ray_angles(distances.shape[1])
-    directions = np.stack([np.sin(angles), np.cos(angles)])  # (2, n_rays): dy, dx
+    """Vertices (n, dims, n_rays) of the polygons (polyhedra in 3D) with centres ``points``
+    (n, dims) and ray lengths ``distances`` (n, n_rays), in float64."""
+    points = np.asarray(points)
+    directions = ray_directions(distances.shape[1], points.shape[1])  # (dims, n_rays)
     return (
         np.asarray(points, np.float64)[:, :, None]
         + np.asarray(distances, np.float64)[:, None, :] * directions[None]
@@ -106,17 +129,31 @@ def suppression_order(points: np.ndarray, probabilities: np.ndarray) -> np.ndarr
 def suppress(
     points: np.ndarray, probabilities: np.ndarray, distances: np.ndarray, threshold: float
 ) -> np.ndarray:
-    """Greedy non-maximum suppression of star-convex polygons; returns the indices of the kept
-    candidates, most probable first.
+    """Greedy non-maximum suppression of star-convex polygons (polyhedra for 3D ``points``);
+    returns the indices of the kept candidates, most probable first.
 
     A candidate is dropped if it overlaps an already kept one by more than ``threshold``, the
-    overlap being StarDist's: intersection area / the smaller of the two areas.
+    overlap being StarDist's: intersection area (volume) / the smaller of the two.
     """
-    from stardist.nms import non_maximum_suppression_inds
+    from stardist.nms import non_maximum_suppression_3d_inds, non_maximum_suppression_inds
 
     if len(points) == 0:
         return np.zeros(0, np.int64)
     order = suppression_order(points, probabilities)
+    if np.asarray(points).shape[1] == 3:
+        # StarDist's 3D wrapper re-sorts by score (unstably); distinct descending scores in our
+        # order make it keep our order, ties included
+        keep = non_maximum_suppression_3d_inds(
+            np.asarray(distances, np.float32)[order],
+            np.asarray(points, np.float32)[order],
+            sphere_rays(np.asarray(distances).shape[1]),
+            scores=np.arange(len(order), 0, -1, dtype=np.float64),
+            thresh=threshold,
+            use_bbox=True,
+            use_kdtree=True,
+            verbose=False,
+        )
+        return order[np.asarray(keep, bool)]
     keep = non_maximum_suppression_inds(
         np.asarray(distances, np.float32)[order],
         np.asarray(points, np.float32)[order],
@@ -130,7 +167,7 @@ def suppress(
 
 
 def bounding_boxes(points: np.ndarray, distances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per polygon, the lowest and highest pixel coordinate it can cover (n, 2) each."""
+    """Per polygon, the lowest and highest pixel coordinate it can cover (n, dims) each."""
     vertices = polygon_vertices(points, distances)
     return np.floor(vertices.min(axis=2)), np.ceil(vertices.max(axis=2))
 
@@ -143,9 +180,12 @@ def render_polygons(
     region: Sequence[slice],
     dtype: np.dtype | type = np.uint32,
 ) -> np.ndarray:
-    """Draw the polygons that overlap ``region`` (global slices) into a label image of the
-    region's shape, less probable first (ties: lower ID first), so the more probable polygon
-    wins where two overlap. A pixel is inside when its centre is (skimage.draw.polygon)."""
+    """Draw the polygons (polyhedra in 3D) that overlap ``region`` (global slices) into a label
+    image of the region's shape, less probable first (ties: lower ID first), so the more
+    probable polygon wins where two overlap. A pixel is inside when its centre is
+    (skimage.draw.polygon in 2D; StarDist's polyhedron_to_label in 3D, evaluated per
+    polyhedron on its bounding box clipped to the region, which depends only on the pixel's
+    position relative to the (integer) centre)."""
     shape = tuple(r.stop - r.start for r in region)
     labels = np.zeros(shape, dtype=dtype)
     if len(points) == 0:
@@ -155,11 +195,48 @@ def render_polygons(
     near = np.all((high >= origin) & (low < origin + np.array(shape)), axis=1)
     index = np.flatnonzero(near)
     order = index[np.lexsort([np.asarray(ids)[index], np.asarray(probabilities)[index]])]
+    if len(shape) == 3:
+        _render_polyhedra(labels, points, distances, ids, order, origin, low, high)
+        return labels
     vertices = polygon_vertices(points[order], distances[order]) - origin[None, :, None]
     for label, (rows, cols) in zip(np.asarray(ids)[order], vertices, strict=True):
         rr, cc = draw_polygon(rows, cols, shape)
         labels[rr, cc] = label
     return labels
+
+
+def _render_polyhedra(
+    labels: np.ndarray,
+    points: np.ndarray,
+    distances: np.ndarray,
+    ids: np.ndarray,
+    order: np.ndarray,
+    origin: np.ndarray,
+    low: np.ndarray,
+    high: np.ndarray,
+) -> None:
+    """Draw the polyhedra ``order`` into ``labels`` (region starting at ``origin``), in order:
+    each is rendered alone on its bounding box clipped to the region, then pasted."""
+    from stardist.geometry import polyhedron_to_label
+
+    rays = sphere_rays(distances.shape[1])
+    shape = np.array(labels.shape)
+    ids = np.asarray(ids)
+    for k in order:
+        first = np.maximum(low[k] - origin, 0).astype(np.int64)
+        last = np.minimum(high[k] - origin + 1, shape).astype(np.int64)
+        if np.any(last <= first):
+            continue
+        centre = np.asarray(points[k], np.float64) - origin - first
+        mask = polyhedron_to_label(
+            np.maximum(np.asarray(distances[k], np.float32), 1e-3)[None],
+            centre[None],
+            rays,
+            tuple(int(s) for s in last - first),
+            verbose=False,
+        )
+        box = tuple(slice(int(a), int(b)) for a, b in zip(first, last, strict=True))
+        labels[box][mask > 0] = ids[k]
 
 
 def polygons_to_labels(

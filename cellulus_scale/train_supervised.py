@@ -3,8 +3,10 @@
 A depth-3 U-Net of the same blocks as the self-supervised model, trained with the StarDist
 objective (per-pixel object probability and star-convex radial distances) on an NGFF label
 image: typically Cellulus' own segmentation (``out.zarr`` from ``predict`` holds a copy of the
-image and ``labels/cellulus``), or true annotations. The checkpoint is of kind "stardist" with
-``out_channels = 1 + n_rays``; ``predict`` dispatches on it.
+image and ``labels/cellulus``), or true annotations. 2D objects are star-convex polygons (32
+rays by default), 3D objects star-convex polyhedra (96 rays on a golden spiral by default). The
+checkpoint is of kind "stardist" with ``out_channels = 1 + n_rays``; ``predict`` dispatches on
+it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from cellulus_scale.errors import UserInputError
 from cellulus_scale.loss import stardist_loss
 from cellulus_scale.model import check_input_size, context, output_size
 from cellulus_scale.ome_io import check_complete, open_image, open_labels
-from cellulus_scale.star_convex import check_two_dimensional
+from cellulus_scale.star_convex import DEFAULT_RAYS, MIN_RAYS
 from cellulus_scale.train import (
     TrainResult,
     choose_device,
@@ -54,8 +56,12 @@ def check_supervised_crop(
             f"crop size {config.crop_size} is larger than the image ({shape})",
             f"use --crop-size {largest} or smaller (a size the depth-{depth} network can take)",
         )
-    if config.n_rays < 3:
-        raise UserInputError(f"--n-rays {config.n_rays} is too few", "use e.g. --n-rays 32")
+    dims = len(spatial_shape)
+    if config.n_rays < MIN_RAYS[dims]:
+        raise UserInputError(
+            f"--n-rays {config.n_rays} is too few for {dims}D images",
+            f"use e.g. --n-rays {DEFAULT_RAYS[dims]}",
+        )
     if model_config.outputs != 1 + config.n_rays:
         raise UserInputError(
             f"the model has {model_config.outputs} outputs, but {config.n_rays} rays need"
@@ -89,7 +95,6 @@ def train_supervised(
     model_path = Path(model_path)
     image = open_image(image_path, axes)
     check_complete(image.path)
-    check_two_dimensional(image.spatial_dims, str(image.path))
     torch_device = choose_device(device)
     if labels is not None:  # checked before anything is read or estimated
         check_labels_match(image, open_labels(image.path, labels), labels)
@@ -99,6 +104,8 @@ def train_supervised(
             "--labels is missing",
             "name the label image to learn from, e.g. --labels cellulus (a 'predict' output)",
         )
+    if not resume and image.spatial_dims == 3 and "n_rays" not in overrides:
+        overrides["n_rays"] = DEFAULT_RAYS[3]  # rays on a sphere: 96 by default in 3D
     if "n_rays" in overrides and not resume:
         overrides.setdefault("out_channels", 1 + int(overrides["n_rays"]))
     setup = prepare_training(

@@ -233,7 +233,7 @@ def train(
 @click.option("--batch-size", type=int, default=None, help="Crops per batch (preset default).")
 @click.option("--learning-rate", type=float, default=None, help="Adam learning rate.")
 @click.option("--feature-maps", type=int, default=None, help="Feature maps of the first level.")
-@click.option("--n-rays", type=int, default=None, help="Radial directions (32).")
+@click.option("--n-rays", type=int, default=None, help="Radial directions (32 in 2D, 96 in 3D).")
 @click.option("--num-workers", type=int, default=None, help="DataLoader worker processes.")
 @click.option("--resume", is_flag=True, help="Continue training MODEL exactly where it stopped.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing MODEL.")

@@ -11,7 +11,6 @@ import dask.array as da
 import numpy as np
 import pytest
 import torch
-import zarr
 from cellulus_scale.cli.main import main as cli
 from click.testing import CliRunner
 from distributed import Client, LocalCluster
@@ -22,7 +21,7 @@ from cellulus_scale.config import ModelConfig
 from cellulus_scale.data import LabelledCrops, Normalisation
 from cellulus_scale.errors import UserInputError
 from cellulus_scale.metrics import match_pairs, overlap_table
-from cellulus_scale.model import UNet, context
+from cellulus_scale.model import UNet, context, smallest_valid_size_at_least
 from cellulus_scale.predict import predict
 from cellulus_scale.simulate import SimulationSpec
 from cellulus_scale.star_convex import (
@@ -131,6 +130,49 @@ def test_crops_carry_targets_and_ignore_cut_objects(simulated_store: Path) -> No
     grid[4:7, 4:7] = 2
     cut = touching_border(grid)
     assert cut[1, 1] and not cut[5, 5] and not cut[8, 8]
+
+
+def ball(shape: tuple[int, ...], centre: tuple[int, ...], radius: float) -> np.ndarray:
+    grid = np.indices(shape)
+    return sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)) <= radius**2
+
+
+def test_3d_star_distances_of_a_ball_are_its_radius_and_render_back_to_it() -> None:
+    radius, centre = 10, (20, 19, 21)
+    labels = ball((40, 40, 40), centre, radius).astype(np.uint32) * 70_000
+    distances = star_distances(labels)  # 96 rays on a sphere by default in 3D
+    assert distances.shape == (96, 40, 40, 40)
+    assert np.all(np.abs(distances[(slice(None), *centre)] - radius) <= 2.0)
+    assert np.all(distances[:, labels == 0] == 0)
+    rendered = polygons_to_labels(
+        np.array([centre]), distances[(slice(None), *centre)][None], np.ones(1), labels.shape
+    )
+    assert iou(rendered > 0, labels > 0) > 0.8
+    probability = object_probability(labels)
+    assert probability[centre] == pytest.approx(1.0) and probability[0, 0, 0] == 0
+
+
+def test_3d_suppression_keeps_one_of_two_overlapping_candidates() -> None:
+    points = np.array([[20, 20, 20], [21, 21, 21], [5, 5, 30]])
+    distances = np.array([[8.0] * 96, [7.0] * 96, [3.0] * 96])
+    assert list(suppress(points, np.array([0.8, 0.9, 0.7]), distances, 0.4)) == [1, 2]
+    same = np.array([0.9, 0.9, 0.7])  # ties: the order is fixed by position
+    assert list(points[suppress(points, same, distances, 0.4)][:, 0]) == [20, 5]
+    flipped = suppress(points[::-1], same[::-1], distances[::-1], 0.4)
+    assert list(points[::-1][flipped][:, 0]) == [20, 5]
+
+
+def test_3d_rendering_is_the_same_in_any_window() -> None:
+    rng = np.random.default_rng(1)
+    points = rng.integers(0, 50, size=(60, 3))
+    distances = rng.uniform(2, 7, size=(60, 24))
+    probs = rng.uniform(0.5, 1, size=60)
+    ids = np.arange(101, 161)
+    whole = render_polygons(points, distances, probs, ids, (slice(0, 50),) * 3)
+    window = (slice(7, 33), slice(20, 50), slice(3, 41))
+    part = render_polygons(points, distances, probs, ids, window)
+    assert np.array_equal(whole[window], part)
+    assert len(np.unique(whole)) > 20
 
 
 # --- training -------------------------------------------------------------------------------
@@ -253,6 +295,77 @@ def test_resume_finishes_an_interrupted_run_identically(
     assert np.array_equal(ome_io.open_labels(out, "cellulus").data.compute(), reference)
 
 
+@pytest.fixture(scope="module")
+def volume(workdir: Path) -> Path:
+    """A 3D video taller than one block in z (100 = 88 + 12 = 96 + 4)."""
+    spec = SimulationSpec(frames=1, shape=(100, 48, 48), diameter=10)
+    return write_simulation(workdir / "volume.zarr", spec)
+
+
+def untrained_3d_checkpoint(volume: Path, path: Path) -> Path:
+    """A random (untrained) 3D StarDist model whose probability varies over the volume and is
+    above 0.5 on ~1% of it, with rays of about 4 voxels."""
+    torch.manual_seed(2)
+    config = ModelConfig(spatial_dims=3, depth=3, feature_maps=4, out_channels=1 + 16)
+    net = UNet(config)
+    normalisation = Normalisation(136, 1136)
+    raw = ome_io.open_image(volume).canonical()[0].compute()
+    size = smallest_valid_size_at_least(100 + 2 * context(3), 3)
+    pad = ((0, 0),) + tuple((44, size - 44 - s) for s in raw.shape[1:])
+    window = np.pad(normalisation.apply(raw), pad, mode="reflect")
+    with torch.no_grad():
+        net.head[-1].weight[0] *= 100
+        net.head[-1].weight[1:] *= 0.01
+        net.head[-1].bias[1:] = 4.0
+        logit = net(torch.from_numpy(np.ascontiguousarray(window[None])))[0, 0].numpy()
+        net.head[-1].bias[0] = -float(np.percentile(logit, 99))
+    checkpoint = Checkpoint("stardist", config, normalisation, net.state_dict(), "tzyx", {}, {})
+    save_checkpoint(checkpoint, path)
+    return path
+
+
+def test_3d_crops_carry_targets_for_rays_on_a_sphere(volume: Path) -> None:
+    image = ome_io.open_image(volume)
+    labels = ome_io.open_labels(volume, "ground_truth")
+    crops = LabelledCrops(image, labels, 24, 4, Normalisation(136, 1136), 0, 2, 96)
+    crop, probability, distances, weight = crops[0]
+    assert crop.shape == (1, 24, 24, 24)
+    assert probability.shape == weight.shape == (16, 16, 16)
+    assert distances.shape == (96, 16, 16, 16)
+    assert torch.all((probability >= 0) & (probability <= 1))
+
+
+def test_3d_training_uses_rays_on_a_sphere(tmp_path: Path) -> None:
+    """Two steps on the smallest cubic crop of the depth-3 network (92 voxels per side)."""
+    spec = SimulationSpec(frames=1, shape=(96, 96, 96), diameter=10)
+    video = write_simulation(tmp_path / "cube.zarr", spec)
+    path = tmp_path / "sd3_trained.pt"
+    tiny = {k: v for k, v in TINY.items() if k != "n_rays"}  # the 3D default: 96
+    tiny.update(crop_size=92, min_crops_per_epoch=2)
+    result = train_supervised(video, path, labels="ground_truth", epochs=1, **tiny)
+    assert result.steps == 2
+    checkpoint = load_checkpoint(path, kind="stardist")
+    assert checkpoint.model_config.spatial_dims == 3
+    assert checkpoint.model_config.outputs == 1 + 96 == 1 + checkpoint.train_config["n_rays"]
+
+
+def test_3d_labels_do_not_depend_on_block_size(volume: Path, workdir: Path, client: Client) -> None:
+    model = untrained_3d_checkpoint(volume, workdir / "sd3.pt")
+    results = {}
+    for size in (88, 96):
+        out = workdir / f"sd3_{size}.zarr"
+        result = predict(
+            volume, out, model, diameter=10, block_size=size, client=client, progress=False
+        )
+        assert result.blocks == 2  # split in z
+        assert ome_io.run_status(out)["status"] == "complete"
+        results[size] = ome_io.open_labels(out, "cellulus").data.compute()
+    assert results[88].shape == (1, 100, 48, 48)
+    assert len(np.unique(results[88])) > 50
+    assert (results[88] == results[96]).mean() > 0.999
+    assert f1_at(results[96][0], results[88][0], 0.9) >= 0.99
+
+
 # --- command line ---------------------------------------------------------------------------
 
 
@@ -355,12 +468,3 @@ def test_cli_bad_input(
     )
     assert code == 2 and len(lines) == 1
     assert "'oce' model, but a 'stardist' model is needed" in lines[0]
-
-    # 3D is not implemented: refused in one line
-    volume = tmp_path / "volume.zarr"
-    zarr.open_array(str(volume), mode="w", shape=(1, 4, 128, 128), dtype=np.uint8)[:] = 1
-    code, lines, _ = invoke(
-        cli_runner, "train-supervised", volume, model, "--labels", "x", "--axes", "tzyx"
-    )
-    assert code == 2 and len(lines) == 1 and "2D images only" in lines[0]
-    assert not model.exists()
