@@ -644,6 +644,21 @@ def _run_stage(
     return results if collect is None else []
 
 
+def prepare_labels(plan: Plan, image: ome_io.OmeImage, root: zarr.Group, objects: int) -> None:
+    """Create the label array, in the dtype the object count needs, unless a resumed run
+    already has it; a new array invalidates the label blocks recorded before."""
+    dtype = ome_io.label_dtype(objects)
+    labels_path = Path(plan.output_path) / "labels" / LABELS_NAME / "0"
+    if labels_path.exists() and zarr.open_array(str(labels_path), mode="r").dtype == dtype:
+        return
+    _, label_shape = ome_io.label_axes_shape(image)
+    ome_io.create_labels(
+        root, LABELS_NAME, label_shape, _chunks(plan, image.axes, label_shape), dtype
+    )
+    for stale in (Path(plan.output_path) / WORK_DIR / "labels").glob("*.npz"):
+        stale.unlink()
+
+
 def _count_done(plan: Plan, stage: str, work: list[tuple[int, Block]]) -> int:
     return sum(_marker(plan, stage, f, b).exists() for f, b in work)
 
@@ -883,15 +898,7 @@ def predict(
         timings["clustering"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        dtype = ome_io.label_dtype(objects)
-        labels_path = Path(plan.output_path) / "labels" / LABELS_NAME / "0"
-        if not labels_path.exists() or zarr.open_array(str(labels_path), mode="r").dtype != dtype:
-            _, label_shape = ome_io.label_axes_shape(image)
-            ome_io.create_labels(
-                root, LABELS_NAME, label_shape, _chunks(plan, image.axes, label_shape), dtype
-            )
-            for stale in (Path(plan.output_path) / WORK_DIR / "labels").glob("*.npz"):
-                stale.unlink()
+        prepare_labels(plan, image, root, objects)
         recomputed["labels"] = len(work) - _count_done(plan, "labels", work)
         parts: dict[str, float] = {}
         scattered = {

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 
 from cellulus_scale import ome_io
 from cellulus_scale.blocks import Block, owner_index
@@ -42,13 +41,11 @@ from cellulus_scale.kernels import reflect_indices
 from cellulus_scale.model import smallest_valid_size_at_least
 from cellulus_scale.predict import (
     LABELS_NAME,
-    WORK_DIR,
     Plan,
     PredictResult,
     Statistics,
     _array,
     _check_finite,
-    _chunks,
     _count_done,
     _frame_region,
     _load_marker,
@@ -59,6 +56,7 @@ from cellulus_scale.predict import (
     _save_marker,
     _squeeze_like,
     finish_output,
+    prepare_labels,
     run_session,
 )
 from cellulus_scale.star_convex import render_polygons, suppress
@@ -256,15 +254,7 @@ def predict_stardist(
         timings["network"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        dtype = ome_io.label_dtype(objects)
-        labels_path = Path(plan.output_path) / "labels" / LABELS_NAME / "0"
-        if not labels_path.exists() or zarr.open_array(str(labels_path), mode="r").dtype != dtype:
-            _, label_shape = ome_io.label_axes_shape(image)
-            ome_io.create_labels(
-                root, LABELS_NAME, label_shape, _chunks(plan, image.axes, label_shape), dtype
-            )
-            for stale in (Path(plan.output_path) / WORK_DIR / "labels").glob("*.npz"):
-                stale.unlink()
+        prepare_labels(plan, image, root, objects)
         recomputed["labels"] = len(work) - _count_done(plan, "labels", work)
         scattered = [dask.scatter([kept[f]], broadcast=False)[0] for f in range(plan.frames)]
         _run_stage(

@@ -43,6 +43,35 @@ def user_errors(function: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+TRAINING_OPTIONS = [
+    click.option("--epochs", type=int, default=None, help="Override the preset's epoch count."),
+    click.option(
+        "--max-minutes", type=float, default=None, help="Stop cleanly (and save) after this."
+    ),
+    click.option(
+        "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+    ),
+    click.option("--seed", default=0, show_default=True),
+    click.option("--axes", default=None, help="Axis names of a plain zarr array, e.g. tyx."),
+    click.option("--crop-size", type=int, default=None, help="Crop side (preset default)."),
+    click.option("--batch-size", type=int, default=None, help="Crops per batch (preset default)."),
+    click.option("--learning-rate", type=float, default=None, help="Adam learning rate."),
+    click.option("--feature-maps", type=int, default=None, help="Feature maps of the first level."),
+    click.option("--num-workers", type=int, default=None, help="DataLoader worker processes."),
+    click.option(
+        "--resume", is_flag=True, help="Continue training MODEL exactly where it stopped."
+    ),
+    click.option("--overwrite", is_flag=True, help="Replace an existing MODEL."),
+]
+
+
+def training_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """The options 'train' and 'train-supervised' share."""
+    for option in reversed(TRAINING_OPTIONS):
+        function = option(function)
+    return function
+
+
 def _report_training(result: Any) -> None:
     state = "stopped at the time limit" if result.stopped_early else "finished"
     click.echo(
@@ -143,17 +172,7 @@ def simulate(
     show_default=True,
     help="paper: the paper's settings; cpu: small model that learns in minutes on a CPU.",
 )
-@click.option("--epochs", type=int, default=None, help="Override the preset's epoch count.")
-@click.option("--max-minutes", type=float, default=None, help="Stop cleanly (and save) after this.")
-@click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
-)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--axes", default=None, help="Axis names of a plain zarr array, e.g. tyx.")
-@click.option("--crop-size", type=int, default=None, help="Crop side (preset default).")
-@click.option("--batch-size", type=int, default=None, help="Crops per batch (preset default).")
-@click.option("--learning-rate", type=float, default=None, help="Adam learning rate.")
-@click.option("--feature-maps", type=int, default=None, help="Feature maps of the first level.")
+@training_options
 @click.option(
     "--damping",
     type=click.Choice(["seed", "reference"]),
@@ -161,9 +180,6 @@ def simulate(
     help="seed: 1/(1+exp(-x/tau)); reference: 1-exp(-x/tau).",
 )
 @click.option("--elastic", is_flag=True, default=None, help="Elastic augmentation.")
-@click.option("--num-workers", type=int, default=None, help="DataLoader worker processes.")
-@click.option("--resume", is_flag=True, help="Continue training MODEL exactly where it stopped.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing MODEL.")
 @user_errors
 def train(
     image: Path,
@@ -222,21 +238,8 @@ def train(
     show_default=True,
     help="paper: Appendix B (depth 3, 64 maps, Adam 1e-5, 200 epochs); cpu: small and fast.",
 )
-@click.option("--epochs", type=int, default=None, help="Override the preset's epoch count.")
-@click.option("--max-minutes", type=float, default=None, help="Stop cleanly (and save) after this.")
-@click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
-)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--axes", default=None, help="Axis names of a plain zarr array, e.g. tyx.")
-@click.option("--crop-size", type=int, default=None, help="Crop side (preset default).")
-@click.option("--batch-size", type=int, default=None, help="Crops per batch (preset default).")
-@click.option("--learning-rate", type=float, default=None, help="Adam learning rate.")
-@click.option("--feature-maps", type=int, default=None, help="Feature maps of the first level.")
+@training_options
 @click.option("--n-rays", type=int, default=None, help="Radial directions (32 in 2D, 96 in 3D).")
-@click.option("--num-workers", type=int, default=None, help="DataLoader worker processes.")
-@click.option("--resume", is_flag=True, help="Continue training MODEL exactly where it stopped.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing MODEL.")
 @user_errors
 def train_supervised(
     image: Path,
