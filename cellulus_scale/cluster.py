@@ -7,9 +7,22 @@ import logging
 import os
 from collections.abc import Iterator
 
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
 
 from cellulus_scale.errors import UserInputError
+
+#: Worker processes per local GPU, each running one network task at a time: several processes
+#: overlap one block's reading, writing and histograms (Python, under one GIL per process) with
+#: the GPU's work on another. Measured on an H200: 4 single-threaded processes kept the GPU
+#: busy where 4 threads of one process could not (README, "GPU").
+GPU_WORKERS_PER_GPU = 4
+
+
+def local_gpu_count() -> int:
+    """CUDA GPUs this process can see (0 where torch has no CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def cpu_count() -> int:
@@ -25,9 +38,12 @@ def dask_client(
     workers: int | None = None,
     timeout: float = 10.0,
     quiet: bool = True,
+    gpus: int = 0,
 ) -> Iterator[Client]:
     """A Dask client: on ``scheduler`` (``tcp://`` or ``tls://`` address) if given, else on a
-    local cluster of ``workers`` processes (one per core by default) listening on loopback."""
+    local cluster listening on loopback of ``workers`` single-threaded processes (one per core
+    by default, less those of the GPUs) and, with ``gpus``, processes per GPU for the network
+    (see :func:`gpu_cluster`)."""
     if quiet:
         for name in (
             "distributed",
@@ -56,25 +72,64 @@ def dask_client(
         finally:
             client.close()
         return
-    count = workers if workers is not None else cpu_count()
+    count = workers if workers is not None else max(1, cpu_count() - gpus * GPU_WORKERS_PER_GPU)
     if count < 1:
         raise UserInputError(f"--workers must be at least 1, got {count}", "use e.g. --workers 2")
-    cluster = LocalCluster(
-        n_workers=count,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address="127.0.0.1:0",
-        # a failed task is reported once, by the client; the workers' own 'Compute Failed'
-        # log lines (level ERROR) would break the one-line error of the command line
-        silence_logs=logging.CRITICAL if quiet else logging.WARNING,
-    )
+    # a failed task is reported once, by the client; the workers' own 'Compute Failed' log
+    # lines (level ERROR) would break the one-line error of the command line
+    silence = logging.CRITICAL if quiet else logging.WARNING
+    if gpus:
+        cluster = gpu_cluster(count, gpus, silence)
+    else:
+        cluster = LocalCluster(
+            n_workers=count,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+            silence_logs=silence,
+        )
     client = Client(cluster)
     try:
         yield client
     finally:
         client.close()
         cluster.close()
+
+
+def gpu_cluster(cpu_workers: int, gpus: int, silence_logs: int) -> SpecCluster:
+    """A local cluster of ``cpu_workers`` single-threaded workers plus, for each GPU,
+    :data:`GPU_WORKERS_PER_GPU` single-threaded workers that see only that GPU
+    (``CUDA_VISIBLE_DEVICES``) and advertise one ``GPU`` resource each. Network tasks ask for
+    one ``GPU`` resource, so they run on these workers (see :func:`network_resources`); the
+    other stages run on every worker."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = visible.split(",") if visible else [str(i) for i in range(gpus)]
+
+    def worker(**options: object) -> dict[str, object]:
+        return {
+            "cls": Nanny,
+            "options": {
+                "nthreads": 1,
+                "host": "127.0.0.1",
+                "dashboard_address": None,
+                "silence_logs": silence_logs,
+                "memory_limit": "auto",
+                **options,
+            },
+        }
+
+    workers = {f"cpu-{i}": worker() for i in range(cpu_workers)}
+    for gpu in range(gpus):
+        for i in range(GPU_WORKERS_PER_GPU):
+            workers[f"gpu-{gpu}-{i}"] = worker(
+                resources={"GPU": 1}, env={"CUDA_VISIBLE_DEVICES": names[gpu]}
+            )
+    scheduler = {
+        "cls": Scheduler,
+        "options": {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"},
+    }
+    return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=silence_logs)
 
 
 def threads_per_host(client: Client) -> dict[str, int]:
@@ -89,9 +144,9 @@ def threads_per_host(client: Client) -> dict[str, int]:
 
 def network_resources(client: Client, device: str = "auto") -> dict[str, float] | None:
     """``{"GPU": 1}`` when a worker of the cluster advertises a ``GPU`` resource (``dask worker
-    ADDRESS --nthreads 1 --resources GPU=1``), else None. The network tasks are then restricted
-    to such workers (one task per GPU at a time) while the other stages run on every worker;
-    ``device="cpu"`` lifts the restriction."""
+    ADDRESS --nworkers 4 --nthreads 1 --resources GPU=1``: 4 network tasks at once per GPU),
+    else None. The network tasks are then restricted to such workers while the other stages run
+    on every worker; ``device="cpu"`` lifts the restriction."""
     if device == "cpu":
         return None
     workers = client.scheduler_info(n_workers=-1)["workers"].values()

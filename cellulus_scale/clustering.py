@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 from skimage.filters import threshold_otsu
 from sklearn.cluster import MeanShift
-from sklearn.neighbors import KDTree
 
 from cellulus_scale.kernels import position_uniform
 
@@ -84,7 +84,8 @@ def fast_mean_shift(
     within one bandwidth of a more populated one removed) so it finds the same modes, but
     moves every seed at once with one KD-tree query per iteration.
     """
-    tree = KDTree(points)
+    dims = points.shape[1]
+    tree = cKDTree(points)
     seeds = bin_seeds(points, bandwidth)
     active = np.ones(len(seeds), dtype=bool)
     counts = np.zeros(len(seeds), dtype=np.int64)
@@ -93,13 +94,18 @@ def fast_mean_shift(
         index = np.flatnonzero(active)
         if len(index) == 0:
             break
-        neighbours = tree.query_radius(seeds[index], r=bandwidth)
-        sizes = np.array([len(n) for n in neighbours])
+        neighbours = tree.query_ball_point(seeds[index], r=bandwidth, return_sorted=True)
+        sizes = np.array([len(n) for n in neighbours], dtype=np.int64)
         empty = sizes == 0
-        flat = np.concatenate(neighbours) if len(neighbours) else np.zeros(0, dtype=np.int64)
+        flat = np.concatenate(neighbours).astype(np.int64) if sizes.sum() else np.zeros(0, int)
         owner = np.repeat(np.arange(len(index)), sizes)
-        sums = np.zeros((len(index), points.shape[1]))
-        np.add.at(sums, owner, points[flat])
+        sums = np.stack(
+            [
+                np.bincount(owner, weights=points[flat, d], minlength=len(index))
+                for d in range(dims)
+            ],
+            axis=1,
+        )
         with np.errstate(invalid="ignore", divide="ignore"):
             means = sums / sizes[:, None]
         means[empty] = seeds[index][empty]
@@ -113,12 +119,12 @@ def fast_mean_shift(
     order = np.lexsort((*seeds.T[::-1], -counts))  # most populated first, ties by position
     seeds = seeds[order]
     unique = np.ones(len(seeds), dtype=bool)
-    centre_tree = KDTree(seeds) if len(seeds) else None
-    for i in range(len(seeds)):
-        if unique[i] and centre_tree is not None:
-            close = centre_tree.query_radius(seeds[i : i + 1], r=bandwidth)[0]
-            unique[close] = False
-            unique[i] = True
+    if len(seeds):
+        close_to = cKDTree(seeds).query_ball_point(seeds, r=bandwidth)
+        for i, close in enumerate(close_to):
+            if unique[i]:
+                unique[close] = False
+                unique[i] = True
     return seeds[unique]
 
 
@@ -136,9 +142,12 @@ def assign_to_centres(
     if len(centres) == 0 or not foreground.any():
         return labels
     points = embeddings[:, foreground].T
-    distance, nearest = KDTree(centres).query(points, k=1)
-    distance, nearest = distance[:, 0], nearest[:, 0]
-    values = np.where(distance <= max_distance, ids[nearest], 0).astype(dtype)
+    # the bound prunes the search; points with no centre within it get distance inf
+    bound = np.nextafter(max_distance, np.inf)
+    distance, nearest = cKDTree(centres).query(points, k=1, distance_upper_bound=bound)
+    within = distance <= max_distance
+    values = np.zeros(len(points), dtype=dtype)
+    values[within] = ids[nearest[within]]
     labels[foreground] = values
     return labels
 

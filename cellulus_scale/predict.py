@@ -246,6 +246,20 @@ def _load_marker(path: Path) -> dict[str, np.ndarray] | None:
 # --- stage 1: OCEs -------------------------------------------------------------------------
 
 
+#: Input pixels of one batch of test-time passes on a GPU (activations of about 2 GB for the
+#: paper's model); the passes of a larger block run in equal batches below this.
+GPU_BATCH_PIXELS = 2**21
+
+
+def passes_per_batch(passes: int, pixels: int, device_type: str) -> int:
+    """Passes per forward batch: on a GPU as many as fit :data:`GPU_BATCH_PIXELS`, split evenly;
+    on the CPU 8, which keeps its memory small."""
+    if device_type != "cuda":
+        return 8
+    fits = max(1, min(passes, GPU_BATCH_PIXELS // max(pixels, 1)))
+    return math.ceil(passes / math.ceil(passes / fits))
+
+
 def oce_task(plan: Plan, frame: int, block: Block) -> dict[str, np.ndarray]:
     """Predict OCEs of one block, write them and the image copy, return its std histogram."""
     marker = _marker(plan, "oce", frame, block)
@@ -276,8 +290,8 @@ def oce_task(plan: Plan, frame: int, block: Block) -> dict[str, np.ndarray]:
         seg.noise_values,
         seg.seed,
         device,
-        # all passes in one batch on a GPU; batches of 8 keep CPU memory small
-        batch_size=seg.tta_passes if device.type == "cuda" else 8,
+        batch_size=passes_per_batch(seg.tta_passes, image[0].size, device.type),
+        precision=seg.precision,
     )
     crop = tuple(slice(0, s) for s in block.shape)
     offsets, std = offsets[(slice(None), *crop)], std[crop]
@@ -722,11 +736,14 @@ def run_session(
 ) -> Iterator[tuple[Any, Plan, zarr.Group]]:
     """The Dask client of a run (``client``, or a cluster started for it), the plan sized to
     its workers, and the prepared output store."""
-    from cellulus_scale.cluster import dask_client, threads_per_host
+    from cellulus_scale.cluster import dask_client, local_gpu_count, threads_per_host
 
-    manager = (
-        contextlib.nullcontext(client) if client is not None else dask_client(scheduler, workers)
-    )
+    if client is not None:
+        manager = contextlib.nullcontext(client)
+    else:  # a local cluster: with a worker per GPU where the network runs on GPUs
+        uses_gpu = plan.method != "watershed" and plan.device != "cpu" and scheduler is None
+        gpus = local_gpu_count() if uses_gpu else 0
+        manager = dask_client(scheduler, workers, gpus=gpus)
     with manager as dask:
         if progress and dask.dashboard_link:
             print(f"Dask dashboard: {dask.dashboard_link}", flush=True)
@@ -789,6 +806,7 @@ def predict(
     mode: str = default_of(SegmentationConfig, "mode"),
     threshold: float | None = None,
     clustering: str = default_of(SegmentationConfig, "clustering"),
+    precision: str = default_of(SegmentationConfig, "precision"),
     scheduler: str | None = None,
     workers: int | None = None,
     save_embeddings: bool = False,
@@ -822,6 +840,7 @@ def predict(
         mode=mode,
         threshold=threshold,
         clustering=clustering,
+        precision=precision,
         seed=seed,
         prob_threshold=prob_threshold,
         nms_threshold=nms_threshold,

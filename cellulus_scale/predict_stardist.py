@@ -37,7 +37,7 @@ from cellulus_scale import ome_io
 from cellulus_scale.blocks import Block, owner_index
 from cellulus_scale.checkpoint import Checkpoint
 from cellulus_scale.errors import UserInputError
-from cellulus_scale.kernels import reflect_indices
+from cellulus_scale.kernels import inference_precision, reflect_indices
 from cellulus_scale.model import smallest_valid_size_at_least
 from cellulus_scale.predict import (
     LABELS_NAME,
@@ -70,13 +70,18 @@ def suppression_halo(plan: Plan, depth: int) -> tuple[int, int]:
     return halo, int(math.ceil(halo / step)) * step
 
 
-def predict_probability(model: Any, image: np.ndarray, device: Any) -> np.ndarray:
-    """Probability and ray lengths (1 + n_rays, *out) of one normalised (C, *in) window."""
+def predict_probability(
+    model: Any, image: np.ndarray, device: Any, precision: str = "float32"
+) -> np.ndarray:
+    """Probability and ray lengths (1 + n_rays, *out) of one normalised (C, *in) window,
+    computed in ``precision`` on a GPU (see :func:`~cellulus_scale.kernels.inference_precision`)."""
     import torch
 
     with torch.no_grad():
         batch = torch.from_numpy(np.ascontiguousarray(image[None])).to(device)
-        output = model(batch)[0].float()
+        with inference_precision(device, precision):
+            output = model(batch)[0]
+        output = output.float()
         probability = torch.sigmoid(output[:1])
         distances = output[1:].clamp_min(0.0)
         return torch.cat([probability, distances]).cpu().numpy()
@@ -114,7 +119,9 @@ def candidates_task(plan: Plan, frame: int, block: Block) -> dict[str, np.ndarra
     dists = np.zeros((0, n_rays), np.float32)
     foreground = 0
     if raw.size and raw.max() > raw.min():
-        output = predict_probability(model, checkpoint.normalisation.apply(raw), device)
+        output = predict_probability(
+            model, checkpoint.normalisation.apply(raw), device, seg.precision
+        )
         region = block.grown(halo, plan.spatial_shape)
         local = tuple(
             slice(r.start - (s - network_halo), r.stop - (s - network_halo))

@@ -4,6 +4,7 @@ supervised model (:mod:`cellulus_scale.train_supervised`) shares: settings and r
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -18,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cellulus_scale.checkpoint import Checkpoint, check_compatible, load_checkpoint, save_checkpoint
+from cellulus_scale.cluster import cpu_count
 from cellulus_scale.config import PRESETS, ModelConfig, Preset, TrainConfig
 from cellulus_scale.data import (
     Normalisation,
@@ -297,13 +299,49 @@ def prepare_training(
             train_config.seed,
         )
         state = {}
-    if train_config.epochs < 1 or train_config.batch_size < 1 or train_config.num_workers < 0:
+    workers = train_config.num_workers
+    if train_config.epochs < 1 or train_config.batch_size < 1 or (workers or 0) < 0:
         raise UserInputError(
             f"epochs ({train_config.epochs}) and batch size ({train_config.batch_size}) must be at"
             f" least 1 and workers ({train_config.num_workers}) at least 0",
             "pass positive values",
         )
     return TrainingSetup(image, model_config, train_config, normalisation, checkpoint, state)
+
+
+def loader_workers(requested: int | None, device: torch.device) -> int:
+    """DataLoader processes: as ``requested``; by default 2 on the CPU (the crops are cheap next
+    to a CPU step) and, on a GPU, enough to keep up with it: up to 8, leaving a core free."""
+    if requested is not None:
+        return requested
+    if device.type != "cuda":
+        return 2
+    return max(2, min(8, cpu_count() - 1))
+
+
+@contextlib.contextmanager
+def deterministic_kernels(device: torch.device) -> Any:
+    """On CUDA, train with deterministic kernels (cuDNN convolutions, gather and scatter), so a
+    seed gives the same weights on every run and resuming stays exact; the setting is restored
+    afterwards. The CPU kernels used here are deterministic already. Where a torch release has
+    no deterministic kernel for an operation (3D max-pool's gradient before torch 2.13) it warns
+    instead of failing; the pooling windows here do not overlap, so that one adds up the same."""
+    if device.type != "cuda":
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+    )
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.benchmark = previous[2]
 
 
 #: One optimisation step's loss: (model, batch on the device, step) -> (loss, extra log cells).
@@ -372,7 +410,7 @@ def run_training(
     start_step = step
     dataset = make_dataset(total_steps * train_config.batch_size)
     indices = range(step * train_config.batch_size, total_steps * train_config.batch_size)
-    workers = train_config.num_workers if len(indices) else 0
+    workers = loader_workers(train_config.num_workers, torch_device) if len(indices) else 0
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, indices),
         batch_size=train_config.batch_size,
@@ -419,48 +457,49 @@ def run_training(
     )
     log_handle = log_path.open("a", newline="")
     log = csv.writer(log_handle)
-    try:
-        iterator = iter(loader)
-        while step < total_steps:
-            if time.perf_counter() >= deadline:
-                stopped_early = True
-                break
-            fetch_start = time.perf_counter()
-            batch = next(iterator)
-            fetch_time = time.perf_counter() - fetch_start
-            waited += fetch_time
-            epoch = step // per_epoch
-            lr = learning_rate(train_config, epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss, cells = step_loss(model, _to_device(batch, torch_device), step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            final_loss = float(loss.detach())
-            if not math.isfinite(final_loss):
-                raise UserInputError(
-                    "the training loss became NaN or Inf", "check the image for NaN/Inf values"
+    with deterministic_kernels(torch_device):
+        try:
+            iterator = iter(loader)
+            while step < total_steps:
+                if time.perf_counter() >= deadline:
+                    stopped_early = True
+                    break
+                fetch_start = time.perf_counter()
+                batch = next(iterator)
+                fetch_time = time.perf_counter() - fetch_start
+                waited += fetch_time
+                epoch = step // per_epoch
+                lr = learning_rate(train_config, epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss, cells = step_loss(model, _to_device(batch, torch_device), step)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                final_loss = float(loss.detach())
+                if not math.isfinite(final_loss):
+                    raise UserInputError(
+                        "the training loss became NaN or Inf", "check the image for NaN/Inf values"
+                    )
+                log.writerow(
+                    [
+                        step,
+                        epoch,
+                        f"{final_loss:.6f}",
+                        *cells,
+                        f"{lr:.3g}",
+                        f"{time.perf_counter() - start:.2f}",
+                        f"{fetch_time:.4f}",
+                    ]
                 )
-            log.writerow(
-                [
-                    step,
-                    epoch,
-                    f"{final_loss:.6f}",
-                    *cells,
-                    f"{lr:.3g}",
-                    f"{time.perf_counter() - start:.2f}",
-                    f"{fetch_time:.4f}",
-                ]
-            )
-            bar.set_postfix(loss=f"{final_loss:.4f}", epoch=epoch)
-            bar.update()
-            if step % per_epoch == 0:
-                save(step)
-    finally:
-        bar.close()
-        log_handle.close()
+                bar.set_postfix(loss=f"{final_loss:.4f}", epoch=epoch)
+                bar.update()
+                if step % per_epoch == 0:
+                    save(step)
+        finally:
+            bar.close()
+            log_handle.close()
     loop_seconds = time.perf_counter() - start
     save(step)
     write_loss_plot(log_path, model_path.with_suffix(".loss.png"), ylabel)

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from cellulus_scale import __version__
-from cellulus_scale.config import SegmentationConfig, default_of
+from cellulus_scale.config import PRECISIONS, SegmentationConfig, default_of
 from cellulus_scale.errors import UserInputError
 
 
@@ -325,9 +325,23 @@ def train_supervised(
     help="sklearn: scikit-learn's MeanShift, the reference.",
 )
 @click.option("--scheduler", default=None, help="Address of a Dask scheduler (tcp:// or tls://).")
-@click.option("--workers", type=int, default=None, help="Local workers (default: one per core).")
+@click.option(
+    "--workers",
+    type=int,
+    default=None,
+    help="Local CPU workers (default: one per core, less one per GPU; each GPU gets one more"
+    " worker that runs the network).",
+)
 @click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+@click.option(
+    "--precision",
+    type=click.Choice(list(PRECISIONS)),
+    default=default_of(SegmentationConfig, "precision"),
+    show_default=True,
+    help="The network's arithmetic on a GPU: float32 gives the same result for any block size;"
+    " tf32 and bfloat16 are faster.",
 )
 @click.option("--axes", default=None, help="Axis names of a plain zarr array, e.g. tyx.")
 @click.option("--seed", default=0, show_default=True)

@@ -33,7 +33,20 @@ from cellulus_scale.train import train
 
 
 def peak_worker_memory(client) -> float:
+    """The largest peak resident memory (MB) of the worker processes since they started.
+
+    Read from the process's own high-water mark (``VmHWM``), not ``ru_maxrss``: Linux keeps
+    ``ru_maxrss`` across ``execve``, so a worker spawned by this process would report at least
+    this process's own peak (training, simulating the video) instead of its own."""
+
     def peak() -> float:
+        try:
+            with open("/proc/self/status") as status:
+                for line in status:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:  # no /proc (not Linux)
+            pass
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

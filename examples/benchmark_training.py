@@ -27,7 +27,7 @@ from cellulus_scale.data import crops_per_epoch
 from cellulus_scale.ome_io import open_image
 from cellulus_scale.simulate import SimulationSpec
 from cellulus_scale.synthetic import write_simulation
-from cellulus_scale.train import train
+from cellulus_scale.train import choose_device, loader_workers, train
 
 
 def parse_args() -> argparse.Namespace:
@@ -91,7 +91,8 @@ def main() -> None:
             preset = PRESETS[name]
             batch = preset.train.batch_size
             crop = preset.train.crop_size
-            workers = preset.train.num_workers if args.num_workers is None else args.num_workers
+            requested = preset.train.num_workers if args.num_workers is None else args.num_workers
+            workers = loader_workers(requested, choose_device(args.device))
             model = Path(folder) / f"{name}.pt"
             # One epoch of exactly --steps steps, unless covering the data once needs more.
             steps_wanted = args.steps * batch

@@ -7,6 +7,7 @@ There is no GPU here: the "GPU" worker is an ordinary CPU worker advertising the
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import zarr
 from distributed import Client, LocalCluster, get_task_stream
 
 from cellulus_scale.checkpoint import Checkpoint, save_checkpoint
-from cellulus_scale.cluster import dask_client, network_resources
+from cellulus_scale.cluster import GPU_WORKERS_PER_GPU, dask_client, network_resources
 from cellulus_scale.config import ModelConfig
 from cellulus_scale.data import Normalisation
 from cellulus_scale.model import UNet
@@ -104,6 +105,34 @@ def test_network_tasks_run_only_on_gpu_resource_workers(tmp_path, simulated_stor
     assert (ran.get("centres_task", set()) | ran.get("labels_task", set())) & other, ran
     labels = open_labels(out, "cellulus").data.compute()
     assert np.array_equal(labels, open_labels(reference, "cellulus").data.compute())
+
+
+def test_embedded_gpu_layout_runs_the_network_on_the_gpu_workers(tmp_path, simulated_store, model):
+    """GPU_WORKERS_PER_GPU single-threaded workers per GPU, seeing only their GPU, take every
+    network task; on this CPU-only machine they compute on the CPU and the labels are those of
+    a plain local cluster."""
+    with dask_client(workers=1) as plain:
+        reference = tmp_path / "plain.zarr"
+        predict(simulated_store, reference, model, client=plain, **SETTINGS)
+    with dask_client(workers=1, gpus=1) as client:
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        gpu = {a for a, w in workers.items() if (w.get("resources") or {}).get("GPU")}
+        assert len(workers) == 1 + GPU_WORKERS_PER_GPU and len(gpu) == GPU_WORKERS_PER_GPU
+        assert all(
+            workers[a]["nthreads"] == 1 and workers[a]["resources"] == {"GPU": 1} for a in gpu
+        )
+        seen = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
+        first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+        assert all(seen[a] == first for a in gpu)
+        out = tmp_path / "gpu.zarr"
+        with get_task_stream(client=client) as stream:
+            predict(simulated_store, out, model, client=client, **SETTINGS)
+        network = {t["worker"] for t in stream.data if str(t["key"]).startswith("oce_task")}
+    assert network <= gpu and len(network) > 1
+    np.testing.assert_array_equal(
+        open_labels(out, "cellulus").data.compute(),
+        open_labels(reference, "cellulus").data.compute(),
+    )
 
 
 def _listening() -> set[tuple[int, str, int]]:
