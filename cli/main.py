@@ -57,7 +57,12 @@ TRAINING_OPTIONS = [
     click.option("--batch-size", type=int, default=None, help="Crops per batch (preset default)."),
     click.option("--learning-rate", type=float, default=None, help="Adam learning rate."),
     click.option("--feature-maps", type=int, default=None, help="Feature maps of the first level."),
-    click.option("--num-workers", type=int, default=None, help="DataLoader worker processes."),
+    click.option(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="DataLoader worker processes (default: 2 on the CPU, up to 8 on a GPU).",
+    ),
     click.option(
         "--resume", is_flag=True, help="Continue training MODEL exactly where it stopped."
     ),
