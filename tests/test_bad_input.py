@@ -472,3 +472,19 @@ def test_absurd_diameter(tmp_path, simulated_store, model, cli_runner, digest, d
     )
     assert not out.exists()
     assert digest(simulated_store) == before
+
+
+def test_precision_is_a_choice_and_the_cpu_ignores_it(cli_runner, simulated_store, model, tmp_path):
+    args = ["predict", simulated_store, tmp_path / "bad.zarr", "--model", model, *QUICK]
+    refused_in_process(cli_runner, [*args, "--precision", "half"], "precision", "half")
+    assert not (tmp_path / "bad.zarr").exists()
+    labels = {}
+    for precision in ("float32", "bfloat16"):
+        out = tmp_path / f"{precision}.zarr"
+        command = ["predict", simulated_store, out, "--model", model, *QUICK]
+        result = cli_runner.invoke(main, [str(a) for a in [*command, "--precision", precision]])
+        assert result.exit_code == 0, result.output
+        labels[precision] = ome_io.open_labels(out, "cellulus").data.compute()
+    # no GPU here: both ran in float32 and agree exactly
+    assert labels["float32"].max() > 0
+    np.testing.assert_array_equal(labels["float32"], labels["bfloat16"])

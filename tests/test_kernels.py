@@ -42,3 +42,22 @@ def test_gpu_batches_of_passes_fit_the_pixel_budget_and_split_evenly() -> None:
             batches = -(-passes // batch)
             assert batches * batch - passes < batches  # split evenly: batches differ by <= 1
     assert passes_per_batch(8, 300 * 300, "cuda") == 8  # a 256 block: all passes at once
+
+
+def test_precision_is_checked_and_the_cpu_computes_in_float32() -> None:
+    from cellulus_scale.config import SegmentationConfig
+    from cellulus_scale.errors import UserInputError
+    from cellulus_scale.kernels import inference_precision
+
+    with pytest.raises(UserInputError, match="unknown precision 'half'"):
+        SegmentationConfig(diameter=24, precision="half")
+    flags = (torch.backends.cudnn.allow_tf32, torch.is_autocast_enabled())
+    layer = torch.nn.Conv2d(1, 2, 3)
+    image = torch.rand(1, 1, 9, 9)
+    with torch.no_grad():
+        reference = layer(image)
+        for precision in ("tf32", "bfloat16"):
+            with inference_precision("cpu", precision):
+                out = layer(image)
+            assert out.dtype == torch.float32 and torch.equal(out, reference)
+    assert (torch.backends.cudnn.allow_tf32, torch.is_autocast_enabled()) == flags
