@@ -14,7 +14,7 @@ from cellulus_scale.errors import UserInputError
 #: Worker processes per local GPU, each running one network task at a time: several processes
 #: overlap one block's reading, writing and histograms (Python, under one GIL per process) with
 #: the GPU's work on another. Measured on an H200: 4 single-threaded processes kept the GPU
-#: busy where 4 threads of one process could not (README, "GPU").
+#: busy where 4 threads of one process could not (README, "Where it runs").
 GPU_WORKERS_PER_GPU = 4
 
 
