@@ -77,6 +77,11 @@ def training_options(function: Callable[..., Any]) -> Callable[..., Any]:
     return function
 
 
+def given(options: dict[str, Any]) -> dict[str, Any]:
+    """The options the user gave: those left at None take the library's (or preset's) default."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
 def _report_training(result: Any) -> None:
     state = "stopped at the time limit" if result.stopped_early else "finished"
     click.echo(
@@ -186,19 +191,7 @@ def simulate(
 )
 @click.option("--elastic", is_flag=True, default=None, help="Elastic augmentation.")
 @user_errors
-def train(
-    image: Path,
-    model: Path,
-    preset: str,
-    epochs: int | None,
-    max_minutes: float | None,
-    device: str,
-    seed: int,
-    axes: str | None,
-    resume: bool,
-    overwrite: bool,
-    **options: Any,
-) -> None:
+def train(image: Path, model: Path, **options: Any) -> None:
     """Self-supervised OCE training on random crops of IMAGE; writes MODEL (.pt), a CSV loss
     log and a PNG loss plot beside it.
 
@@ -207,21 +200,7 @@ def train(
     """
     from cellulus_scale.train import train as run_training
 
-    overrides = {k: v for k, v in options.items() if v is not None}
-    result = run_training(
-        image,
-        model,
-        preset=preset,
-        axes=axes,
-        epochs=epochs,
-        max_minutes=max_minutes,
-        device=device,
-        seed=seed,
-        resume=resume,
-        overwrite=overwrite,
-        **overrides,
-    )
-    _report_training(result)
+    _report_training(run_training(image, model, **given(options)))
 
 
 @main.command(
@@ -246,20 +225,7 @@ def train(
 @training_options
 @click.option("--n-rays", type=int, default=None, help="Radial directions (32 in 2D, 96 in 3D).")
 @user_errors
-def train_supervised(
-    image: Path,
-    model: Path,
-    labels: str | None,
-    preset: str,
-    epochs: int | None,
-    max_minutes: float | None,
-    device: str,
-    seed: int,
-    axes: str | None,
-    resume: bool,
-    overwrite: bool,
-    **options: Any,
-) -> None:
+def train_supervised(image: Path, model: Path, **options: Any) -> None:
     """Supervised refinement (Appendix B): train a depth-3 StarDist model on IMAGE and its label
     image --labels NAME, typically Cellulus' own output (OUT.zarr of 'predict' holds the image
     and labels/cellulus); writes MODEL (.pt), a CSV loss log and a plot. Then segment with
@@ -267,22 +233,7 @@ def train_supervised(
     """
     from cellulus_scale.train_supervised import train_supervised as run_training
 
-    overrides = {k: v for k, v in options.items() if v is not None}
-    result = run_training(
-        image,
-        model,
-        labels=labels,
-        preset=preset,
-        axes=axes,
-        epochs=epochs,
-        max_minutes=max_minutes,
-        device=device,
-        seed=seed,
-        resume=resume,
-        overwrite=overwrite,
-        **overrides,
-    )
-    _report_training(result)
+    _report_training(run_training(image, model, **given(options)))
 
 
 @main.command(
