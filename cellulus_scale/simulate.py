@@ -5,7 +5,11 @@ The simulator imitates the Cell Tracking Challenge's Fluo-N2DH-SIM+ data: ellipt
 from frame to frame and sometimes divide; the frame is blurred by a Gaussian point-spread
 function, sits on an uneven background and carries Poisson shot noise and Gaussian read noise.
 With ``granules=True`` every nucleus also holds a few small bright spots, which makes
-classical methods over-segment.
+classical methods over-segment. Three options imitate what real fluorescence fields add and
+the plain simulator lacks: ``texture`` (structured background, such as out-of-focus light and
+autofluorescence, at a share of the nucleus brightness), ``debris`` (small bright particles
+that are not nuclei and are not labelled) and ``dim_fraction`` (a share of nuclei at a quarter
+to a third of the usual brightness).
 
 This module is a pure NumPy/SciPy kernel: it does no I/O. :func:`simulate_frames` yields one
 frame at a time; the state carried from frame to frame is a few numbers per nucleus, so a
@@ -37,6 +41,9 @@ _STREAM_DYNAMICS = 1
 _STREAM_NOISE = 2
 _STREAM_BACKGROUND = 3
 _STREAM_GRANULES = 4
+_STREAM_TEXTURE = 5
+_STREAM_DEBRIS = 6
+_STREAM_DIM = 7
 
 _MIN_DIAMETER = 4.0  # pixels; smaller nuclei would not be drawn reliably
 _SIZE_SPREAD = 0.15  # equivalent diameters are uniform in D * (1 +- spread)
@@ -60,6 +67,10 @@ _READ_NOISE = 3.0  # counts (std)
 _PSF_SIGMA = 1.0  # pixels, in Y and X
 _PSF_SIGMA_Z = 1.5  # pixels, along Z for 3D frames
 _MAX_COUNT = 65535
+_TEXTURE_SCALE = 0.3  # background texture correlation length, as a fraction of D
+_DEBRIS_SIZE = (0.15, 0.5)  # debris diameter, as a fraction of D
+_DEBRIS_GAIN = (1.0, 3.0)  # debris peak, relative to the mean nucleus brightness
+_DIM_GAIN = (0.25, 0.35)  # brightness of a dim nucleus, relative to its drawn brightness
 
 
 @dataclass(frozen=True)
@@ -69,7 +80,10 @@ class SimulationSpec:
     ``shape`` is ``(Y, X)`` for 2D frames or ``(Z, Y, X)`` for 3D frames (ellipsoidal
     nuclei, isotropic voxels). ``density`` is the wanted fraction of the frame covered by
     nuclei at t=0 (the non-overlap rule caps what is reached at about 0.65).
-    ``division_rate`` is the chance per nucleus per frame that it divides.
+    ``division_rate`` is the chance per nucleus per frame that it divides. ``texture`` is the
+    peak of the background texture as a share of the mean nucleus brightness (0 for none),
+    ``debris`` the number of debris particles per nucleus at t=0 and ``dim_fraction`` the share
+    of dim nuclei. With all three at 0 the frames are those of earlier versions, byte for byte.
     """
 
     frames: int = 5
@@ -79,6 +93,9 @@ class SimulationSpec:
     seed: int = 0
     density: float = 0.35
     division_rate: float = 0.03
+    texture: float = 0.0
+    debris: float = 0.0
+    dim_fraction: float = 0.0
 
     def validate(self) -> None:
         """Raise :class:`UserInputError` if the spec cannot be simulated."""
@@ -136,6 +153,13 @@ class SimulationSpec:
                 f"division_rate must be in [0, 1], got {self.division_rate!r}",
                 "give a chance per nucleus per frame, e.g. 0.03",
             )
+        for name, upper in (("texture", 10.0), ("debris", 100.0), ("dim_fraction", 1.0)):
+            value = getattr(self, name)
+            if not _is_real(value) or not 0.0 <= value <= upper:
+                raise UserInputError(
+                    f"{name} must be in [0, {upper:g}], got {value!r}",
+                    f"give e.g. {name}=0.2" if name != "debris" else "give e.g. debris=0.2",
+                )
 
 
 def simulate_frames(
@@ -237,6 +261,7 @@ class _Simulator:
         self.state: dict[str, np.ndarray] = {}
         self.granule_cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self.background = self._background()
+        self.debris = self._debris() if spec.debris > 0 else []
 
     # ------------------------------------------------------------------ sampling helpers
 
@@ -480,7 +505,45 @@ class _Simulator:
             for axis in range(self.ndim):
                 blob = blob * np.exp(-0.5 * ((coords[axis] - where[axis]) / width) ** 2)
             background += blob
+        if self.spec.texture > 0:
+            background += self._texture_field()
         return background
+
+    def _texture_field(self) -> np.ndarray:
+        """Structured background: smooth random ridges about a third of a nucleus wide, peaking at
+        ``texture`` x the mean nucleus brightness."""
+        rng = _rng(self.spec.seed, _STREAM_TEXTURE)
+        noise = rng.standard_normal(self.shape).astype(np.float32)
+        field = ndimage.gaussian_filter(noise, _TEXTURE_SCALE * self.diameter)
+        field = np.maximum(field / max(float(field.std()), 1e-12), 0.0)
+        peak = float(np.percentile(field, 99.9)) or 1.0
+        return np.float32(self.spec.texture * np.mean(_BRIGHTNESS) / peak) * field
+
+    def _debris(self) -> list[tuple[np.ndarray, float, float]]:
+        """Debris particles (centre, sigma, peak), fixed for the video: not nuclei, not labelled."""
+        count = round(self.spec.debris * self.wanted)
+        rng = _rng(self.spec.seed, _STREAM_DEBRIS)
+        centres = rng.random((count, self.ndim)) * self.upper
+        size = rng.uniform(*_DEBRIS_SIZE, count) * self.diameter
+        gain = rng.uniform(*_DEBRIS_GAIN, count) * float(np.mean(_BRIGHTNESS))
+        return [(centres[k], size[k] / 2.0, gain[k]) for k in range(count)]
+
+    def _add_debris(self, signal: np.ndarray) -> None:
+        for centre, sigma, gain in self.debris:
+            low = np.maximum(np.floor(centre - 3 * sigma), 0).astype(np.intp)
+            high = np.minimum(np.ceil(centre + 3 * sigma) + 1, self.shape).astype(np.intp)
+            box = tuple(slice(int(a), int(b)) for a, b in zip(low, high, strict=True))
+            grids = np.ogrid[box]
+            distance2 = sum((g - c) ** 2 for g, c in zip(grids, centre, strict=True))
+            signal[box] += np.float32(gain) * np.exp(-0.5 * distance2 / sigma**2).astype(np.float32)
+
+    def _brightness_gain(self, nucleus_id: int) -> float:
+        """1 for most nuclei; for a ``dim_fraction`` share of them, a quarter to a third."""
+        if self.spec.dim_fraction <= 0:
+            return 1.0
+        rng = _rng(self.spec.seed, _STREAM_DIM, nucleus_id)
+        dim, gain = rng.random() < self.spec.dim_fraction, rng.uniform(*_DIM_GAIN)
+        return float(gain) if dim else 1.0
 
     def _granules(self, nucleus_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Granules of one nucleus: positions in nucleus units, sigmas (px), gains."""
@@ -507,6 +570,7 @@ class _Simulator:
         for k in range(len(st["ids"])):
             self._draw(k, low[k], high[k], signal, best, labels)
         self._ensure_present(signal, labels)
+        self._add_debris(signal)
         sigma = (_PSF_SIGMA,) * 2 if self.ndim == 2 else (_PSF_SIGMA_Z, _PSF_SIGMA, _PSF_SIGMA)
         expected = ndimage.gaussian_filter(signal, sigma, mode="nearest")
         del signal, best
@@ -574,7 +638,8 @@ class _Simulator:
             value = value + gain @ spots
         box_best[inside] = radius2[inside]
         labels[box][inside] = st["ids"][k]
-        signal[box][inside] = st["brightness"][k] * value
+        gain = st["brightness"][k] * self._brightness_gain(int(st["ids"][k]))
+        signal[box][inside] = gain * value
 
     def _ensure_present(self, signal: np.ndarray, labels: np.ndarray) -> None:
         """Give any nucleus that lost all its pixels to neighbours its centre pixel."""

@@ -139,6 +139,21 @@ def main() -> None:
 @click.option("--diameter", default=24.0, show_default=True, help="Mean nucleus diameter (px).")
 @click.option("--granules", is_flag=True, help="Bright granules inside nuclei (like video 02).")
 @click.option("--density", default=0.35, show_default=True, help="Fraction of area covered.")
+@click.option(
+    "--texture",
+    default=0.0,
+    show_default=True,
+    help="Structured background, peak as a share of the nucleus brightness (e.g. 0.3).",
+)
+@click.option(
+    "--debris",
+    default=0.0,
+    show_default=True,
+    help="Bright unlabelled debris particles per nucleus (e.g. 0.5).",
+)
+@click.option(
+    "--dim-fraction", default=0.0, show_default=True, help="Share of dim nuclei (e.g. 0.3)."
+)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @user_errors
@@ -150,6 +165,9 @@ def simulate(
     diameter: float,
     granules: bool,
     density: float,
+    texture: float,
+    debris: float,
+    dim_fraction: float,
     seed: int,
     overwrite: bool,
 ) -> None:
@@ -165,6 +183,9 @@ def simulate(
         granules=granules,
         seed=seed,
         density=density,
+        texture=texture,
+        debris=debris,
+        dim_fraction=dim_fraction,
     )
     path = write_simulation(output, spec, overwrite=overwrite)
     click.echo(f"wrote {path} ({frames} frames of {'x'.join(map(str, spec.shape))})")

@@ -206,6 +206,9 @@ def test_mean_equivalent_diameter_close_to_requested(geometry: dict, frames: int
         {"division_rate": 2.0},
         {"seed": -1},
         {"granules": "yes"},
+        {"texture": -0.1},
+        {"debris": float("inf")},
+        {"dim_fraction": 1.5},
     ],
 )
 def test_bad_specs_raise_user_input_error(changes: dict) -> None:
@@ -240,3 +243,40 @@ def test_ground_truth_centres_of_simulated_frame(geometry: dict) -> None:
     for label, centre in centres.items():
         assert centre.shape == (labels.ndim,)
         assert labels[tuple(np.rint(centre).astype(int))] == label
+
+
+@pytest.mark.parametrize("geometry", [SMALL_2D, SMALL_3D], ids=["2d", "3d"])
+def test_hard_cases_change_the_image_not_the_labels(geometry: dict) -> None:
+    plain = run(frames=2, seed=5, division_rate=0.3, **geometry)
+    hard = run(
+        frames=2, seed=5, division_rate=0.3, texture=0.3, debris=1.0, dim_fraction=0.5, **geometry
+    )
+    for (im_p, lab_p, div_p), (im_h, lab_h, div_h) in zip(plain, hard, strict=True):
+        assert np.array_equal(lab_p, lab_h)
+        assert div_p == div_h
+        background = lab_p == 0
+        # texture and debris brighten the background in places
+        assert np.percentile(im_h[background], 99.5) > np.percentile(im_p[background], 99.5) + 50
+
+
+def test_texture_debris_and_dim_nuclei_each_do_what_they_say() -> None:
+    geometry = {"shape": (192, 192), "diameter": 16.0, "seed": 2}
+    ((plain, labels, _),) = run(frames=1, **geometry)
+    ((textured, _, _),) = run(frames=1, texture=0.3, **geometry)
+    ((with_debris, _, _),) = run(frames=1, debris=2.0, **geometry)
+    ((dimmed, _, _),) = run(frames=1, dim_fraction=0.5, **geometry)
+    background = ndimage.binary_dilation(labels > 0, iterations=3) == 0
+    # texture: a smooth structure across the whole background, not a few spots
+    lifted = (textured.astype(float) - plain)[background]
+    assert 0.2 < np.mean(lifted > 20) < 0.8
+    # debris: a few bright compact spots outside nuclei, as bright as nuclei or brighter
+    extra = (with_debris.astype(float) - plain) > 200
+    spots = ndimage.label(extra & background)[1]
+    assert spots >= 5
+    # dim nuclei: about half the nuclei at a quarter to a third of their brightness
+    ids = np.unique(labels[labels > 0])
+    ratio = np.array(
+        [(dimmed[labels == i].mean() - 100) / (plain[labels == i].mean() - 100) for i in ids]
+    )
+    assert 0.25 < np.mean(ratio < 0.5) < 0.75
+    assert np.all((ratio > 0.2) & (ratio < 0.55) | (ratio > 0.9))
