@@ -29,20 +29,21 @@ from typing import Any
 import numpy as np
 import zarr
 
-from cellulus_scale import ome_io
-from cellulus_scale.blocks import Block, block_grid, owner_index
-from cellulus_scale.checkpoint import Checkpoint, check_compatible, load_checkpoint
-from cellulus_scale.clustering import (
+from cellulus_scale.blockwise.blocks import Block, block_grid, owner_index
+from cellulus_scale.config import SegmentationConfig, default_of
+from cellulus_scale.errors import UserInputError
+from cellulus_scale.io import ome_zarr as ome_io
+from cellulus_scale.kernels.clustering import (
     assign_to_centres,
     embeddings_of,
     find_centres,
     fit_sample_mask,
     postprocess,
 )
-from cellulus_scale.config import SegmentationConfig, default_of
-from cellulus_scale.errors import UserInputError
-from cellulus_scale.kernels import predict_oce_block, reflect_indices
-from cellulus_scale.model import context, smallest_valid_size_at_least
+from cellulus_scale.kernels.noise import reflect_indices
+from cellulus_scale.kernels.oce import passes_per_batch, predict_oce_block
+from cellulus_scale.model.checkpoint import Checkpoint, check_compatible, load_checkpoint
+from cellulus_scale.model.unet import context, smallest_valid_size_at_least
 
 LABELS_NAME = "cellulus"
 EMBEDDINGS_NAME = "embeddings"
@@ -246,20 +247,6 @@ def _load_marker(path: Path) -> dict[str, np.ndarray] | None:
 # --- stage 1: OCEs -------------------------------------------------------------------------
 
 
-#: Input pixels of one batch of test-time passes on a GPU (activations of about 2 GB for the
-#: paper's model); the passes of a larger block run in equal batches below this.
-GPU_BATCH_PIXELS = 2**21
-
-
-def passes_per_batch(passes: int, pixels: int, device_type: str) -> int:
-    """Passes per forward batch: on a GPU as many as fit :data:`GPU_BATCH_PIXELS`, split evenly;
-    on the CPU 8, which keeps its memory small."""
-    if device_type != "cuda":
-        return 8
-    fits = max(1, min(passes, GPU_BATCH_PIXELS // max(pixels, 1)))
-    return math.ceil(passes / math.ceil(passes / fits))
-
-
 def oce_task(plan: Plan, frame: int, block: Block) -> dict[str, np.ndarray]:
     """Predict OCEs of one block, write them and the image copy, return its std histogram."""
     marker = _marker(plan, "oce", frame, block)
@@ -366,7 +353,7 @@ def intensity_task(
 
 
 def _watershed_inputs(plan: Plan, stats: Statistics, frame: int, block: Block):
-    from cellulus_scale.baseline import watershed_markers
+    from cellulus_scale.kernels.watershed import watershed_markers
 
     region = block.grown(plan.segmentation.clustering_halo, plan.spatial_shape)
     values = _intensity(plan, frame, region)
@@ -413,7 +400,7 @@ def compute_statistics(plan: Plan, totals: HistogramTotals) -> Statistics:
 
     counts, signal = totals.counts, totals.signal
     if plan.method == "watershed":
-        from cellulus_scale.baseline import otsu_from_histogram
+        from cellulus_scale.kernels.watershed import otsu_from_histogram
 
         low, high = totals.low, totals.high
         edges = np.linspace(low, max(high, low + 1e-6), INTENSITY_BINS + 1)
@@ -470,7 +457,7 @@ def centres_task(plan: Plan, stats: Statistics, frame: int, block: Block) -> dic
     centres = np.zeros((0, plan.spatial_dims))
     if stats.frames_with_signal[frame] and plan.method == "watershed":
         region, markers, count, _, _ = _watershed_inputs(plan, stats, frame, block)
-        from cellulus_scale.baseline import marker_positions
+        from cellulus_scale.kernels.watershed import marker_positions
 
         centres = marker_positions(markers, count) + np.array([r.start for r in region])
         owners = owner_index(centres, plan.spatial_shape, plan.block_size)
@@ -522,7 +509,7 @@ def labels_task(
     target = _array(plan.output_path, f"labels/{LABELS_NAME}/0")
     core_labels = np.zeros(block.shape, dtype=target.dtype)
     if stats.frames_with_signal[frame] and len(centres) and plan.method == "watershed":
-        from cellulus_scale.baseline import watershed_from_markers
+        from cellulus_scale.kernels.watershed import watershed_from_markers
 
         region, _, _, distance, foreground = _watershed_inputs(plan, stats, frame, block)
         origin = np.array([r.start for r in region])
@@ -736,7 +723,7 @@ def run_session(
 ) -> Iterator[tuple[Any, Plan, zarr.Group]]:
     """The Dask client of a run (``client``, or a cluster started for it), the plan sized to
     its workers, and the prepared output store."""
-    from cellulus_scale.cluster import dask_client, local_gpu_count, threads_per_host
+    from cellulus_scale.blockwise.cluster import dask_client, local_gpu_count, threads_per_host
 
     if client is not None:
         manager = contextlib.nullcontext(client)
@@ -822,7 +809,7 @@ def predict(
 ) -> PredictResult:
     """Segment every frame of an OME-Zarr image blockwise on Dask; write ``out.zarr`` with a
     copy of the image and the instance labels ``labels/cellulus`` (NGFF 0.4)."""
-    from cellulus_scale.cluster import network_resources
+    from cellulus_scale.blockwise.cluster import network_resources
 
     image = ome_io.open_image(input_path, axes)
     ome_io.check_complete(image.path)

@@ -33,12 +33,14 @@ from typing import Any
 
 import numpy as np
 
-from cellulus_scale import ome_io
-from cellulus_scale.blocks import Block, owner_index
-from cellulus_scale.checkpoint import Checkpoint
+from cellulus_scale.blockwise.blocks import Block, owner_index
 from cellulus_scale.errors import UserInputError
-from cellulus_scale.kernels import inference_precision, reflect_indices
-from cellulus_scale.model import smallest_valid_size_at_least
+from cellulus_scale.io import ome_zarr as ome_io
+from cellulus_scale.kernels.inference import predict_probability
+from cellulus_scale.kernels.noise import reflect_indices
+from cellulus_scale.kernels.star_convex import render_polygons, suppress
+from cellulus_scale.model.checkpoint import Checkpoint
+from cellulus_scale.model.unet import smallest_valid_size_at_least
 from cellulus_scale.predict import (
     LABELS_NAME,
     Plan,
@@ -59,7 +61,6 @@ from cellulus_scale.predict import (
     prepare_labels,
     run_session,
 )
-from cellulus_scale.star_convex import render_polygons, suppress
 
 
 def suppression_halo(plan: Plan, depth: int) -> tuple[int, int]:
@@ -68,23 +69,6 @@ def suppression_halo(plan: Plan, depth: int) -> tuple[int, int]:
     halo = plan.segmentation.clustering_halo
     step = 2**depth
     return halo, int(math.ceil(halo / step)) * step
-
-
-def predict_probability(
-    model: Any, image: np.ndarray, device: Any, precision: str = "float32"
-) -> np.ndarray:
-    """Probability and ray lengths (1 + n_rays, *out) of one normalised (C, *in) window,
-    computed in ``precision`` on a GPU (see :func:`~cellulus_scale.kernels.inference_precision`)."""
-    import torch
-
-    with torch.no_grad():
-        batch = torch.from_numpy(np.ascontiguousarray(image[None])).to(device)
-        with inference_precision(device, precision):
-            output = model(batch)[0]
-        output = output.float()
-        probability = torch.sigmoid(output[:1])
-        distances = output[1:].clamp_min(0.0)
-        return torch.cat([probability, distances]).cpu().numpy()
 
 
 def candidates_task(plan: Plan, frame: int, block: Block) -> dict[str, np.ndarray]:
@@ -225,7 +209,7 @@ def predict_stardist(
 ) -> PredictResult:
     """Run the StarDist stages of ``plan`` (``checkpoint``: its model, of kind "stardist") on
     Dask; write labels/cellulus; mark the output complete."""
-    from cellulus_scale.cluster import network_resources
+    from cellulus_scale.blockwise.cluster import network_resources
 
     if save_embeddings:
         raise UserInputError(

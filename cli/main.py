@@ -154,8 +154,8 @@ def simulate(
     overwrite: bool,
 ) -> None:
     """Simulate a nuclei time-lapse with ground-truth labels (NGFF labels 'ground_truth')."""
-    from cellulus_scale.simulate import SimulationSpec
-    from cellulus_scale.synthetic import write_simulation
+    from cellulus_scale.simulation.simulate import SimulationSpec
+    from cellulus_scale.simulation.store import write_simulation
 
     size = _shape(shape)
     spec = SimulationSpec(
@@ -198,7 +198,7 @@ def train(image: Path, model: Path, **options: Any) -> None:
     An epoch is enough crops to cover every pixel of the data once (at least 400 crops for
     the paper preset, 160 for cpu).
     """
-    from cellulus_scale.train import train as run_training
+    from cellulus_scale.training.loop import train as run_training
 
     _report_training(run_training(image, model, **given(options)))
 
@@ -231,7 +231,7 @@ def train_supervised(image: Path, model: Path, **options: Any) -> None:
     and labels/cellulus); writes MODEL (.pt), a CSV loss log and a plot. Then segment with
     'cellulus-scale predict IMAGE REFINED.zarr --model MODEL --diameter D'.
     """
-    from cellulus_scale.train_supervised import train_supervised as run_training
+    from cellulus_scale.training.stardist import train_supervised as run_training
 
     _report_training(run_training(image, model, **given(options)))
 
@@ -365,7 +365,7 @@ def evaluate(
     csv_path: Path | None,
 ) -> None:
     """Score instance labels against ground truth: F1 at IoU 0.5, SEG, AP 0.5:0.95, per frame."""
-    from cellulus_scale.evaluate import evaluate as run_evaluation
+    from cellulus_scale.evaluation.evaluate import evaluate as run_evaluation
 
     report = run_evaluation(prediction, truth, pred_labels, truth_labels)
     click.echo(report.table())
@@ -391,7 +391,7 @@ def evaluate(
 @user_errors
 def preview(store: Path, frame: int, labels: str, output: Path) -> None:
     """Draw one frame with instance outlines in distinct colours to a PNG."""
-    from cellulus_scale.snapshot import preview_frame
+    from cellulus_scale.viz.snapshot import preview_frame
 
     click.echo(f"wrote {preview_frame(store, frame, output, labels)}")
 
@@ -405,7 +405,7 @@ def preview(store: Path, frame: int, labels: str, output: Path) -> None:
 @user_errors
 def demo(directory: Path, frames: int, size: int, minutes: float, seed: int) -> None:
     """Simulate, train (cpu preset), predict and evaluate, through the real pipeline."""
-    from cellulus_scale.demo import run_demo
+    from cellulus_scale.workflows.demo import run_demo
 
     run_demo(directory, frames=frames, size=size, minutes=minutes, seed=seed, echo=click.echo)
 

@@ -25,12 +25,12 @@ import torch
 import zarr
 from cellulus_scale.cli.main import main
 
-from cellulus_scale import ome_io
-from cellulus_scale.checkpoint import Checkpoint, save_checkpoint
 from cellulus_scale.config import ModelConfig
-from cellulus_scale.data import Normalisation
 from cellulus_scale.errors import UserInputError
-from cellulus_scale.model import UNet
+from cellulus_scale.io import ome_zarr as ome_io
+from cellulus_scale.kernels.normalisation import Normalisation
+from cellulus_scale.model.checkpoint import Checkpoint, save_checkpoint
+from cellulus_scale.model.unet import UNet
 
 BIN = Path(sys.executable).parent
 #: quick settings for every run that gets as far as the cluster (128x128 frames: 4 blocks)
@@ -364,7 +364,7 @@ def test_scheduler_of_another_version_is_refused(
 
 
 def _checkpoint_cases(model: Path, folder: Path) -> dict[str, tuple[Path, list[str]]]:
-    from cellulus_scale.checkpoint import load_checkpoint
+    from cellulus_scale.model.checkpoint import load_checkpoint
 
     good = load_checkpoint(model)
     data = model.read_bytes()

@@ -1,5 +1,5 @@
 """Self-supervised OCE training (``cellulus-scale train``), and the training machinery that the
-supervised model (:mod:`cellulus_scale.train_supervised`) shares: settings and resume checks
+supervised model (:mod:`cellulus_scale.training.stardist`) shares: settings and resume checks
 (:func:`prepare_training`) and the loop with checkpoints, log and plot (:func:`run_training`)."""
 
 from __future__ import annotations
@@ -18,24 +18,25 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cellulus_scale.checkpoint import Checkpoint, check_compatible, load_checkpoint, save_checkpoint
-from cellulus_scale.cluster import cpu_count
+from cellulus_scale.blockwise.cluster import cpu_count
 from cellulus_scale.config import PRESETS, ModelConfig, Preset, TrainConfig
-from cellulus_scale.data import (
-    Normalisation,
-    RandomCrops,
-    crops_per_epoch,
-    estimate_normalisation,
-)
 from cellulus_scale.errors import UserInputError
-from cellulus_scale.loss import oce_loss, sample_pairs
-from cellulus_scale.model import (
+from cellulus_scale.io.ome_zarr import OmeImage, check_complete, open_image
+from cellulus_scale.kernels.normalisation import Normalisation
+from cellulus_scale.model.checkpoint import (
+    Checkpoint,
+    check_compatible,
+    load_checkpoint,
+    save_checkpoint,
+)
+from cellulus_scale.model.loss import oce_loss, sample_pairs
+from cellulus_scale.model.unet import (
     UNet,
     check_input_size,
     output_size,
     smallest_valid_size_at_least,
 )
-from cellulus_scale.ome_io import OmeImage, check_complete, open_image
+from cellulus_scale.training.crops import RandomCrops, crops_per_epoch, estimate_normalisation
 
 LOG_COLUMNS = ["step", "epoch", "loss", "pair", "reg", "lr", "seconds", "data_wait"]
 

@@ -18,13 +18,13 @@ from typing import Any
 import torch
 
 from cellulus_scale.config import SUPERVISED_PRESETS, ModelConfig, SupervisedConfig
-from cellulus_scale.data import LabelledCrops, check_labels_match
 from cellulus_scale.errors import UserInputError
-from cellulus_scale.loss import stardist_loss
-from cellulus_scale.model import check_input_size, context, output_size
-from cellulus_scale.ome_io import check_complete, open_image, open_labels
-from cellulus_scale.star_convex import DEFAULT_RAYS, MIN_RAYS
-from cellulus_scale.train import (
+from cellulus_scale.io.ome_zarr import check_complete, open_image, open_labels
+from cellulus_scale.kernels.star_convex import DEFAULT_RAYS, MIN_RAYS
+from cellulus_scale.model.loss import stardist_loss
+from cellulus_scale.model.unet import check_input_size, context, output_size
+from cellulus_scale.training.crops import LabelledCrops, check_labels_match
+from cellulus_scale.training.loop import (
     TrainResult,
     choose_device,
     prepare_training,
@@ -89,9 +89,9 @@ def train_supervised(
     image ``labels/<labels>``; write MODEL.pt (kind "stardist") beside a CSV loss log and a PNG
     loss plot. ``overrides`` take any ModelConfig or SupervisedConfig field.
 
-    As :func:`cellulus_scale.train.train`: every crop is a function of (seed, crop index), so
-    ``resume=True`` continues exactly; on resume the checkpoint's settings are kept (``labels``
-    may be left out), ``epochs`` and ``num_workers`` may change."""
+    As :func:`cellulus_scale.training.loop.train`: every crop is a function of (seed, crop
+    index), so ``resume=True`` continues exactly; on resume the checkpoint's settings are kept
+    (``labels`` may be left out), ``epochs`` and ``num_workers`` may change."""
     model_path = Path(model_path)
     image = open_image(image_path, axes)
     check_complete(image.path)
