@@ -198,7 +198,7 @@ def train(image: Path, model: Path, **options: Any) -> None:
     An epoch is enough crops to cover every pixel of the data once (at least 400 crops for
     the paper preset, 160 for cpu).
     """
-    from cellulus_scale.training.loop import train as run_training
+    from cellulus_scale.training.oce import train as run_training
 
     _report_training(run_training(image, model, **given(options)))
 

@@ -26,7 +26,7 @@ from cellulus_scale.io.ome_zarr import open_labels
 from cellulus_scale.predict import predict
 from cellulus_scale.simulation.simulate import SimulationSpec
 from cellulus_scale.simulation.store import write_simulation
-from cellulus_scale.training.loop import train
+from cellulus_scale.training.oce import train
 
 
 def main() -> None:

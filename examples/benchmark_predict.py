@@ -29,7 +29,7 @@ from cellulus_scale.model.unet import context, smallest_valid_size_at_least
 from cellulus_scale.predict import predict
 from cellulus_scale.simulation.simulate import SimulationSpec
 from cellulus_scale.simulation.store import write_simulation
-from cellulus_scale.training.loop import train
+from cellulus_scale.training.oce import train
 
 
 def peak_worker_memory(client) -> float:

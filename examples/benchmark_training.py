@@ -24,10 +24,12 @@ import torch
 
 from cellulus_scale.config import PRESETS
 from cellulus_scale.io.ome_zarr import open_image
+from cellulus_scale.model.device import choose_device
 from cellulus_scale.simulation.simulate import SimulationSpec
 from cellulus_scale.simulation.store import write_simulation
 from cellulus_scale.training.crops import crops_per_epoch
-from cellulus_scale.training.loop import choose_device, loader_workers, train
+from cellulus_scale.training.loop import loader_workers
+from cellulus_scale.training.oce import train
 
 
 def parse_args() -> argparse.Namespace:

@@ -16,7 +16,7 @@ import pytest
 from cellulus_scale.io.ome_zarr import open_labels, run_status
 from cellulus_scale.simulation.simulate import SimulationSpec
 from cellulus_scale.simulation.store import write_simulation
-from cellulus_scale.training.loop import train
+from cellulus_scale.training.oce import train
 
 BIN = Path(sys.executable).parent
 

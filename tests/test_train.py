@@ -25,7 +25,7 @@ from cellulus_scale.model.unet import UNet, context, smallest_valid_size_at_leas
 from cellulus_scale.simulation.simulate import SimulationSpec, ground_truth_centres
 from cellulus_scale.simulation.store import write_simulation
 from cellulus_scale.training import loop as train_module
-from cellulus_scale.training.loop import train
+from cellulus_scale.training.oce import train
 
 # 10 steps per epoch on the shared 4 x 128 x 128 store; the learning rate drops after epochs 1, 2.
 TINY = {

@@ -11,7 +11,7 @@ from cellulus_scale.evaluation.evaluate import EvaluationReport, evaluate
 from cellulus_scale.predict import predict
 from cellulus_scale.simulation.simulate import SimulationSpec
 from cellulus_scale.simulation.store import write_simulation
-from cellulus_scale.training.loop import train
+from cellulus_scale.training.oce import train
 
 
 def run_demo(
