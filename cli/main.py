@@ -323,7 +323,7 @@ def predict(image: Path, output: Path, model: Path | None, **options: Any) -> No
     """Segment every frame of IMAGE blockwise on Dask; write OUTPUT (.zarr) with a copy of the
     image and the labels 'labels/cellulus'.
     """
-    from cellulus_scale.predict import predict as run_prediction
+    from cellulus_scale.workflows.predict import predict as run_prediction
 
     if options["method"] == "cellulus" and model is None:
         raise UserInputError(

@@ -23,10 +23,10 @@ from distributed import Client, LocalCluster
 from cellulus_scale.evaluation.evaluate import evaluate
 from cellulus_scale.evaluation.metrics import combine, score_frame
 from cellulus_scale.io.ome_zarr import open_labels
-from cellulus_scale.predict import predict
 from cellulus_scale.simulation.simulate import SimulationSpec
 from cellulus_scale.simulation.store import write_simulation
 from cellulus_scale.training.oce import train
+from cellulus_scale.workflows.predict import predict
 
 
 def main() -> None:

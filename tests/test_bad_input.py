@@ -254,12 +254,13 @@ def test_a_task_that_meets_a_full_disk_names_the_output(
     # threads-only cluster, so the patched function is the one the tasks call.
     from distributed import Client, LocalCluster
 
-    from cellulus_scale import predict as predict_module
+    from cellulus_scale.blockwise import engine
+    from cellulus_scale.workflows import predict as predict_module
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(predict_module, "_save_marker", full)
+    monkeypatch.setattr(engine, "_save_marker", full)
     out = tmp_path / "out.zarr"
     with (
         LocalCluster(

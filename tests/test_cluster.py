@@ -27,7 +27,7 @@ from cellulus_scale.io.ome_zarr import open_labels
 from cellulus_scale.kernels.normalisation import Normalisation
 from cellulus_scale.model.checkpoint import Checkpoint, save_checkpoint
 from cellulus_scale.model.unet import UNet
-from cellulus_scale.predict import predict
+from cellulus_scale.workflows.predict import predict
 
 BIN = Path(sys.executable).parent
 SETTINGS = {"diameter": 16, "tta": 2, "block_size": 64, "progress": False}

@@ -30,11 +30,11 @@ from cellulus_scale.kernels.star_convex import (
 )
 from cellulus_scale.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cellulus_scale.model.unet import UNet, context, smallest_valid_size_at_least
-from cellulus_scale.predict import predict
 from cellulus_scale.simulation.simulate import SimulationSpec
 from cellulus_scale.simulation.store import write_simulation
 from cellulus_scale.training.crops import LabelledCrops
 from cellulus_scale.training.stardist import train_supervised
+from cellulus_scale.workflows.predict import predict
 
 SHAPE = (200, 232)  # 96 and 128 do not divide it
 #: Tiny settings for checks of the machinery (not of accuracy).
@@ -277,7 +277,7 @@ def test_resume_finishes_an_interrupted_run_identically(
     shutil.rmtree(out)
     # interrupt: stop after the candidates of some blocks by failing the labels stage
     predict_args = {"diameter": 24, "block_size": 128, "client": client, "progress": False}
-    from cellulus_scale import predict_stardist
+    from cellulus_scale.methods import stardist as predict_stardist
 
     original = predict_stardist.labels_task
 
