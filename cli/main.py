@@ -304,14 +304,14 @@ def train_supervised(image: Path, model: Path, **options: Any) -> None:
 @click.option(
     "--prob-threshold",
     type=float,
-    default=0.5,
+    default=default_of(SegmentationConfig, "prob_threshold"),
     show_default=True,
     help="StarDist models: object probability of a candidate.",
 )
 @click.option(
     "--nms-threshold",
     type=float,
-    default=0.4,
+    default=default_of(SegmentationConfig, "nms_threshold"),
     show_default=True,
     help="StarDist models: overlap above which a candidate is suppressed.",
 )
