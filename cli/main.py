@@ -172,8 +172,8 @@ def simulate(
     overwrite: bool,
 ) -> None:
     """Simulate a nuclei time-lapse with ground-truth labels (NGFF labels 'ground_truth')."""
-    from cellulus_scale.simulate import SimulationSpec
-    from cellulus_scale.synthetic import write_simulation
+    from cellulus_scale.simulation.simulate import SimulationSpec
+    from cellulus_scale.simulation.store import write_simulation
 
     size = _shape(shape)
     spec = SimulationSpec(
@@ -219,7 +219,7 @@ def train(image: Path, model: Path, **options: Any) -> None:
     An epoch is enough crops to cover every pixel of the data once (at least 400 crops for
     the paper preset, 160 for cpu).
     """
-    from cellulus_scale.train import train as run_training
+    from cellulus_scale.training.oce import train as run_training
 
     _report_training(run_training(image, model, **given(options)))
 
@@ -252,7 +252,7 @@ def train_supervised(image: Path, model: Path, **options: Any) -> None:
     and labels/cellulus); writes MODEL (.pt), a CSV loss log and a plot. Then segment with
     'cellulus-scale predict IMAGE REFINED.zarr --model MODEL --diameter D'.
     """
-    from cellulus_scale.train_supervised import train_supervised as run_training
+    from cellulus_scale.training.stardist import train_supervised as run_training
 
     _report_training(run_training(image, model, **given(options)))
 
@@ -325,14 +325,14 @@ def train_supervised(image: Path, model: Path, **options: Any) -> None:
 @click.option(
     "--prob-threshold",
     type=float,
-    default=0.5,
+    default=default_of(SegmentationConfig, "prob_threshold"),
     show_default=True,
     help="StarDist models: object probability of a candidate.",
 )
 @click.option(
     "--nms-threshold",
     type=float,
-    default=0.4,
+    default=default_of(SegmentationConfig, "nms_threshold"),
     show_default=True,
     help="StarDist models: overlap above which a candidate is suppressed.",
 )
@@ -344,7 +344,7 @@ def predict(image: Path, output: Path, model: Path | None, **options: Any) -> No
     """Segment every frame of IMAGE blockwise on Dask; write OUTPUT (.zarr) with a copy of the
     image and the labels 'labels/cellulus'.
     """
-    from cellulus_scale.predict import predict as run_prediction
+    from cellulus_scale.workflows.predict import predict as run_prediction
 
     if options["method"] == "cellulus" and model is None:
         raise UserInputError(
@@ -386,7 +386,7 @@ def evaluate(
     csv_path: Path | None,
 ) -> None:
     """Score instance labels against ground truth: F1 at IoU 0.5, SEG, AP 0.5:0.95, per frame."""
-    from cellulus_scale.evaluate import evaluate as run_evaluation
+    from cellulus_scale.evaluation.evaluate import evaluate as run_evaluation
 
     report = run_evaluation(prediction, truth, pred_labels, truth_labels)
     click.echo(report.table())
@@ -412,7 +412,7 @@ def evaluate(
 @user_errors
 def preview(store: Path, frame: int, labels: str, output: Path) -> None:
     """Draw one frame with instance outlines in distinct colours to a PNG."""
-    from cellulus_scale.snapshot import preview_frame
+    from cellulus_scale.viz.snapshot import preview_frame
 
     click.echo(f"wrote {preview_frame(store, frame, output, labels)}")
 
@@ -426,7 +426,7 @@ def preview(store: Path, frame: int, labels: str, output: Path) -> None:
 @user_errors
 def demo(directory: Path, frames: int, size: int, minutes: float, seed: int) -> None:
     """Simulate, train (cpu preset), predict and evaluate, through the real pipeline."""
-    from cellulus_scale.demo import run_demo
+    from cellulus_scale.workflows.demo import run_demo
 
     run_demo(directory, frames=frames, size=size, minutes=minutes, seed=seed, echo=click.echo)
 

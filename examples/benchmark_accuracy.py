@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 
 from cellulus_scale.config import SegmentationConfig, default_of
-from cellulus_scale.evaluate import evaluate
-from cellulus_scale.predict import predict
-from cellulus_scale.simulate import SimulationSpec
-from cellulus_scale.synthetic import write_simulation
-from cellulus_scale.train import train
-from cellulus_scale.train_supervised import train_supervised
+from cellulus_scale.evaluation.evaluate import evaluate
+from cellulus_scale.simulation.simulate import SimulationSpec
+from cellulus_scale.simulation.store import write_simulation
+from cellulus_scale.training.oce import train
+from cellulus_scale.training.stardist import train_supervised
+from cellulus_scale.workflows.predict import predict
 
 
 def main() -> None:

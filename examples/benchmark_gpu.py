@@ -4,8 +4,8 @@ Simulates a video of --frames x --shape, trains a model of --preset (default ``p
 paper's mini U-Net, 64 feature maps, depth 1) for --train-minutes on the GPU, then, for each
 --precision, runs the real ``predict`` with --tta passes on predict's own embedded cluster:
 --workers single-threaded CPU workers plus one worker per GPU whose threads run the network
-tasks (``cellulus_scale.cluster.gpu_cluster``). The cluster first segments one frame, so model
-loading and CUDA start-up are left out. Prints:
+tasks (``cellulus_scale.blockwise.cluster.gpu_cluster``). The cluster first segments one
+frame, so model loading and CUDA start-up are left out. Prints:
 
 - frames per second of the whole run (network, clustering, stitching, writing) and of the
   network stage alone;
@@ -35,16 +35,16 @@ import numpy as np
 import torch
 from benchmark_training import steady_state  # noqa: I001 (beside this script)
 
-from cellulus_scale.checkpoint import load_checkpoint
-from cellulus_scale.cluster import dask_client, local_gpu_count
+from cellulus_scale.blockwise.cluster import dask_client, local_gpu_count
 from cellulus_scale.config import PRECISIONS, PRESETS
-from cellulus_scale.evaluate import evaluate
-from cellulus_scale.kernels import inference_precision
-from cellulus_scale.model import context, smallest_valid_size_at_least
-from cellulus_scale.predict import predict
-from cellulus_scale.simulate import SimulationSpec
-from cellulus_scale.synthetic import write_simulation
-from cellulus_scale.train import train
+from cellulus_scale.evaluation.evaluate import evaluate
+from cellulus_scale.kernels.inference import inference_precision
+from cellulus_scale.model.checkpoint import load_checkpoint
+from cellulus_scale.model.unet import context, smallest_valid_size_at_least
+from cellulus_scale.simulation.simulate import SimulationSpec
+from cellulus_scale.simulation.store import write_simulation
+from cellulus_scale.training.oce import train
+from cellulus_scale.workflows.predict import predict
 
 
 class BusySampler(threading.Thread):

@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 from distributed import Client, LocalCluster
 
-from cellulus_scale.evaluate import evaluate
-from cellulus_scale.metrics import combine, score_frame
-from cellulus_scale.ome_io import open_labels
-from cellulus_scale.predict import predict
-from cellulus_scale.simulate import SimulationSpec
-from cellulus_scale.synthetic import write_simulation
-from cellulus_scale.train import train
+from cellulus_scale.evaluation.evaluate import evaluate
+from cellulus_scale.evaluation.metrics import combine, score_frame
+from cellulus_scale.io.ome_zarr import open_labels
+from cellulus_scale.simulation.simulate import SimulationSpec
+from cellulus_scale.simulation.store import write_simulation
+from cellulus_scale.training.oce import train
+from cellulus_scale.workflows.predict import predict
 
 
 def main() -> None:

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-from cellulus_scale.checkpoint import load_checkpoint
 from cellulus_scale.config import PRESETS
-from cellulus_scale.model import context, smallest_valid_size_at_least
-from cellulus_scale.predict import predict
-from cellulus_scale.simulate import SimulationSpec
-from cellulus_scale.synthetic import write_simulation
-from cellulus_scale.train import train
+from cellulus_scale.model.checkpoint import load_checkpoint
+from cellulus_scale.model.unet import context, smallest_valid_size_at_least
+from cellulus_scale.simulation.simulate import SimulationSpec
+from cellulus_scale.simulation.store import write_simulation
+from cellulus_scale.training.oce import train
+from cellulus_scale.workflows.predict import predict
 
 
 def peak_worker_memory(client) -> float:

@@ -1,8 +1,8 @@
 """Benchmark self-supervised training: seconds per step and the share spent waiting for data.
 
 Simulates a small video into a temporary folder, trains each preset for a few steps with the
-real ``cellulus_scale.train.train`` and prints, per preset, the steady-state seconds per step
-(from the loss log, leaving out the first step's warm-up) and the share of the training loop
+real ``cellulus_scale.training.oce.train`` and prints, per preset, the steady-state seconds per
+step (from the loss log, leaving out the first step's warm-up) and the share of the training loop
 spent waiting for the next batch: over the whole loop (``TrainResult.data_wait_fraction``,
 which includes starting the loader workers) and from the second step on.
 
@@ -23,11 +23,13 @@ from pathlib import Path
 import torch
 
 from cellulus_scale.config import PRESETS
-from cellulus_scale.data import crops_per_epoch
-from cellulus_scale.ome_io import open_image
-from cellulus_scale.simulate import SimulationSpec
-from cellulus_scale.synthetic import write_simulation
-from cellulus_scale.train import choose_device, loader_workers, train
+from cellulus_scale.io.ome_zarr import open_image
+from cellulus_scale.model.device import choose_device
+from cellulus_scale.simulation.simulate import SimulationSpec
+from cellulus_scale.simulation.store import write_simulation
+from cellulus_scale.training.crops import crops_per_epoch
+from cellulus_scale.training.loop import loader_workers
+from cellulus_scale.training.oce import train
 
 
 def parse_args() -> argparse.Namespace:

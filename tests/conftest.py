@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cellulus_scale.simulate import SimulationSpec
-from cellulus_scale.synthetic import write_simulation
+from cellulus_scale.simulation.simulate import SimulationSpec
+from cellulus_scale.simulation.store import write_simulation
 
 #: The spec of the session-scoped ``simulated_store``: 2D + t, small and quick to write.
 SMALL_SPEC = SimulationSpec(frames=4, shape=(128, 128), diameter=16.0, seed=7)

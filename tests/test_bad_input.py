@@ -25,12 +25,12 @@ import torch
 import zarr
 from cellulus_scale.cli.main import main
 
-from cellulus_scale import ome_io
-from cellulus_scale.checkpoint import Checkpoint, save_checkpoint
 from cellulus_scale.config import ModelConfig
-from cellulus_scale.data import Normalisation
 from cellulus_scale.errors import UserInputError
-from cellulus_scale.model import UNet
+from cellulus_scale.io import ome_zarr as ome_io
+from cellulus_scale.kernels.normalisation import Normalisation
+from cellulus_scale.model.checkpoint import Checkpoint, save_checkpoint
+from cellulus_scale.model.unet import UNet
 
 BIN = Path(sys.executable).parent
 #: quick settings for every run that gets as far as the cluster (128x128 frames: 4 blocks)
@@ -254,12 +254,13 @@ def test_a_task_that_meets_a_full_disk_names_the_output(
     # threads-only cluster, so the patched function is the one the tasks call.
     from distributed import Client, LocalCluster
 
-    from cellulus_scale import predict as predict_module
+    from cellulus_scale.blockwise import engine
+    from cellulus_scale.workflows import predict as predict_module
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(predict_module, "_save_marker", full)
+    monkeypatch.setattr(engine, "_save_marker", full)
     out = tmp_path / "out.zarr"
     with (
         LocalCluster(
@@ -364,7 +365,7 @@ def test_scheduler_of_another_version_is_refused(
 
 
 def _checkpoint_cases(model: Path, folder: Path) -> dict[str, tuple[Path, list[str]]]:
-    from cellulus_scale.checkpoint import load_checkpoint
+    from cellulus_scale.model.checkpoint import load_checkpoint
 
     good = load_checkpoint(model)
     data = model.read_bytes()

@@ -10,9 +10,9 @@ from scipy import ndimage
 from skimage.draw import disk
 from skimage.filters import threshold_otsu
 
-from cellulus_scale import baseline
-from cellulus_scale.baseline import min_object_size, otsu_from_histogram, watershed_labels
 from cellulus_scale.errors import UserInputError
+from cellulus_scale.kernels import watershed as baseline
+from cellulus_scale.kernels.watershed import min_object_size, otsu_from_histogram, watershed_labels
 
 
 def _two_touching_discs() -> np.ndarray:

@@ -13,7 +13,8 @@ from ome_zarr.reader import Label, Reader
 from ome_zarr_models.v04 import Image, ImageLabel, Labels
 from scipy import ndimage
 
-from cellulus_scale import __version__, ome_io
+from cellulus_scale import __version__
+from cellulus_scale.io import ome_zarr as ome_io
 
 GT = "ground_truth"
 

@@ -21,13 +21,13 @@ import torch
 import zarr
 from distributed import Client, LocalCluster, get_task_stream
 
-from cellulus_scale.checkpoint import Checkpoint, save_checkpoint
-from cellulus_scale.cluster import GPU_WORKERS_PER_GPU, dask_client, network_resources
+from cellulus_scale.blockwise.cluster import GPU_WORKERS_PER_GPU, dask_client, network_resources
 from cellulus_scale.config import ModelConfig
-from cellulus_scale.data import Normalisation
-from cellulus_scale.model import UNet
-from cellulus_scale.ome_io import open_labels
-from cellulus_scale.predict import predict
+from cellulus_scale.io.ome_zarr import open_labels
+from cellulus_scale.kernels.normalisation import Normalisation
+from cellulus_scale.model.checkpoint import Checkpoint, save_checkpoint
+from cellulus_scale.model.unet import UNet
+from cellulus_scale.workflows.predict import predict
 
 BIN = Path(sys.executable).parent
 SETTINGS = {"diameter": 16, "tta": 2, "block_size": 64, "progress": False}

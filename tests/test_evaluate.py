@@ -1,4 +1,4 @@
-"""Tests for store evaluation (cellulus_scale.evaluate) and frame previews (snapshot)."""
+"""Tests for store evaluation (cellulus_scale.evaluation.evaluate) and frame previews (snapshot)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from cellulus_scale import ome_io
 from cellulus_scale.errors import UserInputError
-from cellulus_scale.evaluate import EvaluationReport, evaluate
-from cellulus_scale.snapshot import preview_frame
+from cellulus_scale.evaluation.evaluate import EvaluationReport, evaluate
+from cellulus_scale.io import ome_zarr as ome_io
+from cellulus_scale.viz.snapshot import preview_frame
 
 SQUARES = (
     (slice(5, 20), slice(5, 20)),

@@ -1,4 +1,4 @@
-"""OME-Zarr input and output (``cellulus_scale.ome_io``) and the CLI's refusal of bad input."""
+"""OME-Zarr input and output (``cellulus_scale.io.ome_zarr``) and the CLI's refusal of bad input."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from ome_zarr.writer import write_image as ome_write_image
 from ome_zarr.writer import write_labels as ome_write_labels
 from ome_zarr_models.v04 import Image, ImageLabel, Labels
 
-from cellulus_scale import ome_io
 from cellulus_scale.errors import UserInputError
+from cellulus_scale.io import ome_zarr as ome_io
 
 SHAPES = {
     "yx": (128, 128),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cellulus_scale.kernels import position_uniform, position_uniform_torch, reflect_indices
+from cellulus_scale.kernels.noise import position_uniform, position_uniform_torch, reflect_indices
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -31,7 +31,7 @@ def test_torch_noise_is_the_numpy_noise_bit_for_bit(device: str) -> None:
 
 
 def test_gpu_batches_of_passes_fit_the_pixel_budget_and_split_evenly() -> None:
-    from cellulus_scale.predict import GPU_BATCH_PIXELS, passes_per_batch
+    from cellulus_scale.kernels.oce import GPU_BATCH_PIXELS, passes_per_batch
 
     assert passes_per_batch(8, 556 * 556, "cpu") == 8
     for passes in (1, 2, 8, 16, 32):
@@ -47,7 +47,7 @@ def test_gpu_batches_of_passes_fit_the_pixel_budget_and_split_evenly() -> None:
 def test_precision_is_checked_and_the_cpu_computes_in_float32() -> None:
     from cellulus_scale.config import SegmentationConfig
     from cellulus_scale.errors import UserInputError
-    from cellulus_scale.kernels import inference_precision
+    from cellulus_scale.kernels.inference import inference_precision
 
     with pytest.raises(UserInputError, match="unknown precision 'half'"):
         SegmentationConfig(diameter=24, precision="half")

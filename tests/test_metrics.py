@@ -1,4 +1,4 @@
-"""Tests for cellulus_scale.metrics on hand-built label images with known answers."""
+"""Tests for cellulus_scale.evaluation.metrics on hand-built label images with known answers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cellulus_scale.errors import UserInputError
-from cellulus_scale.metrics import (
+from cellulus_scale.evaluation.metrics import (
     AP_THRESHOLDS,
     FrameScores,
     check_same_shape,

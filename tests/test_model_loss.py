@@ -11,13 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from cellulus_scale import checkpoint as checkpoint_module
-from cellulus_scale.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cellulus_scale.config import ModelConfig, TrainConfig
-from cellulus_scale.data import Normalisation
 from cellulus_scale.errors import UserInputError
-from cellulus_scale.loss import damping, oce_loss, sample_pairs
-from cellulus_scale.model import (
+from cellulus_scale.kernels.normalisation import Normalisation
+from cellulus_scale.model import checkpoint as checkpoint_module
+from cellulus_scale.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from cellulus_scale.model.loss import damping, oce_loss, sample_pairs
+from cellulus_scale.model.unet import (
     UNet,
     check_input_size,
     context,

@@ -16,12 +16,12 @@ import pytest
 import zarr
 from distributed import Client, LocalCluster
 
-from cellulus_scale.metrics import match_pairs, overlap_table
-from cellulus_scale.ome_io import open_labels
-from cellulus_scale.predict import predict
-from cellulus_scale.simulate import SimulationSpec
-from cellulus_scale.synthetic import write_simulation
-from cellulus_scale.train import train
+from cellulus_scale.evaluation.metrics import match_pairs, overlap_table
+from cellulus_scale.io.ome_zarr import open_labels
+from cellulus_scale.simulation.simulate import SimulationSpec
+from cellulus_scale.simulation.store import write_simulation
+from cellulus_scale.training.oce import train
+from cellulus_scale.workflows.predict import predict
 
 SHAPE = (200, 232)  # 96 and 128 do not divide it
 
@@ -263,9 +263,9 @@ def test_bad_input_is_refused_with_one_line_and_the_input_untouched(video, model
     )
     assert time.perf_counter() - started < 60
     other = workdir / "model3d.pt"
-    from cellulus_scale.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
     from cellulus_scale.config import ModelConfig
-    from cellulus_scale.model import UNet
+    from cellulus_scale.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from cellulus_scale.model.unet import UNet
 
     checkpoint = load_checkpoint(model)
     config = ModelConfig(spatial_dims=3, feature_maps=4)
@@ -285,10 +285,10 @@ def test_bad_input_is_refused_with_one_line_and_the_input_untouched(video, model
 
 
 def test_3d_blockwise_embeddings_equal_whole_volume(workdir, client):
-    from cellulus_scale.checkpoint import Checkpoint, save_checkpoint
     from cellulus_scale.config import ModelConfig
-    from cellulus_scale.data import Normalisation
-    from cellulus_scale.model import UNet
+    from cellulus_scale.kernels.normalisation import Normalisation
+    from cellulus_scale.model.checkpoint import Checkpoint, save_checkpoint
+    from cellulus_scale.model.unet import UNet
 
     volume = write_simulation(
         workdir / "volume.zarr", SimulationSpec(frames=1, shape=(20, 40, 40), diameter=8, seed=2)

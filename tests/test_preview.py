@@ -8,7 +8,7 @@ from matplotlib.image import imread
 from skimage.segmentation import find_boundaries
 
 from cellulus_scale.errors import UserInputError
-from cellulus_scale.preview import outline_palette, preview_rgb, render_preview
+from cellulus_scale.viz.preview import outline_palette, preview_rgb, render_preview
 
 
 def _scene(shape=(300, 320)):

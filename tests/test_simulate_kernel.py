@@ -1,4 +1,4 @@
-"""Tests of the nuclei time-lapse simulator kernel (cellulus_scale.simulate)."""
+"""Tests of the nuclei time-lapse simulator kernel (cellulus_scale.simulation.simulate)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage
 
 from cellulus_scale.errors import UserInputError
-from cellulus_scale.simulate import SimulationSpec, ground_truth_centres, simulate_frames
+from cellulus_scale.simulation.simulate import SimulationSpec, ground_truth_centres, simulate_frames
 
 SMALL_2D = {"shape": (96, 96), "diameter": 16.0}
 SMALL_3D = {"shape": (24, 64, 64), "diameter": 12.0}

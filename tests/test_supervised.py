@@ -15,16 +15,12 @@ from cellulus_scale.cli.main import main as cli
 from click.testing import CliRunner
 from distributed import Client, LocalCluster
 
-from cellulus_scale import ome_io
-from cellulus_scale.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cellulus_scale.config import ModelConfig
-from cellulus_scale.data import LabelledCrops, Normalisation
 from cellulus_scale.errors import UserInputError
-from cellulus_scale.metrics import match_pairs, overlap_table
-from cellulus_scale.model import UNet, context, smallest_valid_size_at_least
-from cellulus_scale.predict import predict
-from cellulus_scale.simulate import SimulationSpec
-from cellulus_scale.star_convex import (
+from cellulus_scale.evaluation.metrics import match_pairs, overlap_table
+from cellulus_scale.io import ome_zarr as ome_io
+from cellulus_scale.kernels.normalisation import Normalisation
+from cellulus_scale.kernels.star_convex import (
     object_probability,
     polygons_to_labels,
     render_polygons,
@@ -32,8 +28,13 @@ from cellulus_scale.star_convex import (
     suppress,
     touching_border,
 )
-from cellulus_scale.synthetic import write_simulation
-from cellulus_scale.train_supervised import train_supervised
+from cellulus_scale.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from cellulus_scale.model.unet import UNet, context, smallest_valid_size_at_least
+from cellulus_scale.simulation.simulate import SimulationSpec
+from cellulus_scale.simulation.store import write_simulation
+from cellulus_scale.training.crops import LabelledCrops
+from cellulus_scale.training.stardist import train_supervised
+from cellulus_scale.workflows.predict import predict
 
 SHAPE = (200, 232)  # 96 and 128 do not divide it
 #: Tiny settings for checks of the machinery (not of accuracy).
@@ -276,7 +277,7 @@ def test_resume_finishes_an_interrupted_run_identically(
     shutil.rmtree(out)
     # interrupt: stop after the candidates of some blocks by failing the labels stage
     predict_args = {"diameter": 24, "block_size": 128, "client": client, "progress": False}
-    from cellulus_scale import predict_stardist
+    from cellulus_scale.methods import stardist as predict_stardist
 
     original = predict_stardist.labels_task
 

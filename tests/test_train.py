@@ -14,17 +14,18 @@ import torch
 from cellulus_scale.cli.main import main as cli
 from click.testing import CliRunner
 
-from cellulus_scale import ome_io
-from cellulus_scale import train as train_module
-from cellulus_scale.checkpoint import load_checkpoint
 from cellulus_scale.config import PRESETS, ModelConfig
-from cellulus_scale.data import Normalisation
 from cellulus_scale.errors import UserInputError
-from cellulus_scale.kernels import predict_oce_block, reflect_indices
-from cellulus_scale.model import UNet, context, smallest_valid_size_at_least
-from cellulus_scale.simulate import SimulationSpec, ground_truth_centres
-from cellulus_scale.synthetic import write_simulation
-from cellulus_scale.train import train
+from cellulus_scale.io import ome_zarr as ome_io
+from cellulus_scale.kernels.noise import reflect_indices
+from cellulus_scale.kernels.normalisation import Normalisation
+from cellulus_scale.kernels.oce import predict_oce_block
+from cellulus_scale.model.checkpoint import load_checkpoint
+from cellulus_scale.model.unet import UNet, context, smallest_valid_size_at_least
+from cellulus_scale.simulation.simulate import SimulationSpec, ground_truth_centres
+from cellulus_scale.simulation.store import write_simulation
+from cellulus_scale.training import loop as train_module
+from cellulus_scale.training.oce import train
 
 # 10 steps per epoch on the shared 4 x 128 x 128 store; the learning rate drops after epochs 1, 2.
 TINY = {

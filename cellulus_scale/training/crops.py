@@ -1,33 +1,17 @@
-"""Random training crops read lazily from an OME-Zarr image, and intensity normalisation."""
+"""Random training crops read lazily from an OME-Zarr image, and the normalisation estimated
+from them."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy import ndimage
 
 from cellulus_scale.errors import UserInputError
-from cellulus_scale.ome_io import OmeImage
-
-
-@dataclass(frozen=True)
-class Normalisation:
-    """Maps raw intensities to about [0, 1]: (x - low) / (high - low)."""
-
-    low: float
-    high: float
-
-    def apply(self, values: np.ndarray) -> np.ndarray:
-        scale = self.high - self.low if self.high > self.low else 1.0
-        return ((values.astype(np.float32) - np.float32(self.low)) / np.float32(scale)).astype(
-            np.float32
-        )
-
-    def to_dict(self) -> dict[str, float]:
-        return {"low": float(self.low), "high": float(self.high)}
+from cellulus_scale.io.ome_zarr import OmeImage
+from cellulus_scale.kernels.normalisation import Normalisation
 
 
 def crop_shape(image: OmeImage, crop_size: int) -> tuple[int, ...]:
@@ -64,6 +48,19 @@ def random_corner(
     frame = int(rng.integers(frames))
     corner = tuple(int(rng.integers(size - s + 1)) for size, s in zip(spatial, shape, strict=True))
     return frame, corner
+
+
+def textured_crop(
+    rng: np.random.Generator, image: OmeImage, shape: tuple[int, ...]
+) -> tuple[int, tuple[int, ...], np.ndarray]:
+    """(frame, corner, crop) of a random crop that is not constant (up to 100 draws; the last
+    one is taken when every draw is constant)."""
+    for _ in range(100):
+        frame, corner = random_corner(rng, image, shape)
+        raw = read_crop(image, frame, corner, shape)
+        if raw.size and raw.max() > raw.min():
+            break
+    return frame, corner, raw
 
 
 def estimate_normalisation(
@@ -148,11 +145,7 @@ class RandomCrops(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         rng = np.random.default_rng([self.seed, int(index)])
-        for _ in range(100):
-            frame, corner = random_corner(rng, self.image, self.shape)
-            raw = read_crop(self.image, frame, corner, self.shape)
-            if raw.size and raw.max() > raw.min():
-                break
+        frame, corner, raw = textured_crop(rng, self.image, self.shape)
         crop = self.normalisation.apply(raw)
         return torch.from_numpy(augment(crop, rng, self.elastic))
 
@@ -234,18 +227,14 @@ class LabelledCrops(torch.utils.data.Dataset):
         return self.length
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
-        from cellulus_scale.star_convex import (
+        from cellulus_scale.kernels.star_convex import (
             object_probability,
             star_distances,
             touching_border,
         )
 
         rng = np.random.default_rng([self.seed, int(index)])
-        for _ in range(100):
-            frame, corner = random_corner(rng, self.image, self.shape)
-            raw = read_crop(self.image, frame, corner, self.shape)
-            if raw.size and raw.max() > raw.min():
-                break
+        frame, corner, raw = textured_crop(rng, self.image, self.shape)
         labels = read_crop(self.labels, frame, corner, self.shape)[0]
         crop, labels = augment_with_labels(self.normalisation.apply(raw), labels, rng)
         inner = tuple(slice(self.margin, s - self.margin) for s in labels.shape)

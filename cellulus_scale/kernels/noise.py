@@ -1,14 +1,13 @@
-"""Pure per-block kernels: numpy or torch in, numpy out. No Dask, no zarr.
+"""Block-independent padding and noise: functions of the global pixel position alone.
 
-- :func:`reflect_indices` / :func:`position_uniform`: block-independent padding and noise;
-- :func:`predict_oce_block`: test-time-augmented OCE offsets and their std for one block;
-- clustering and relabelling live in :mod:`cellulus_scale.clustering`.
+- :func:`reflect_indices`: global indices of a window with 'reflect' padding at the border;
+- :func:`position_uniform` / :func:`position_uniform_torch`: uniform numbers that depend only
+  on (seed, frame, pass, global position), drawn by numpy or by torch on the network's device.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -93,74 +92,3 @@ def position_uniform_torch(
         state = _splitmix64_torch(state ^ coordinates)
     shape = np.broadcast_shapes(*[g.shape for g in grids])
     return _shift_right(state.expand(shape), 11).double() * (1.0 / 2**53)
-
-
-def tta_noise_values(passes: int, values: Sequence[float]) -> list[float]:
-    """The salt-and-pepper value of each pass: the passes split evenly over ``values``."""
-    return [values[i * len(values) // passes] for i in range(passes)]
-
-
-@contextlib.contextmanager
-def inference_precision(device: torch.device | str, precision: str) -> Iterator[None]:
-    """Run the network in ``precision`` on a CUDA device: ``float32`` (strict IEEE float32, no
-    TF32), ``tf32`` (float32 with TF32 matrix units) or ``bfloat16`` (autocast). The CPU always
-    computes in float32."""
-    if torch.device(device).type != "cuda":
-        yield
-        return
-    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    tf32 = precision != "float32"
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
-    try:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
-            yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-@torch.no_grad()
-def predict_oce_block(
-    model: torch.nn.Module,
-    image: np.ndarray,
-    source_grids: Sequence[np.ndarray],
-    frame: int,
-    passes: int,
-    noise_fraction: float,
-    noise_values: Sequence[float],
-    seed: int,
-    device: torch.device | str = "cpu",
-    batch_size: int = 8,
-    precision: str = "float32",
-) -> tuple[np.ndarray, np.ndarray]:
-    """Mean OCE offsets and summed std over test-time-augmented passes for one block.
-
-    ``image`` is the normalised block with its halo, shape (C, *spatial); ``source_grids`` are the
-    global coordinates each of its pixels was read from (after reflection), so the noise of a
-    pixel is the same in every block. The noise is drawn on ``device``, where the passes run in
-    batches of ``batch_size``, in ``precision`` (:func:`inference_precision`). Returns offsets
-    (dims, *out) and std (*out) as float32.
-    With ``passes == 1`` no noise is added.
-    """
-    pass_values = tta_noise_values(passes, noise_values)
-    clean = torch.from_numpy(np.ascontiguousarray(image)).to(device)
-    total = None
-    total_sq = None
-    for start in range(0, passes, batch_size):
-        inputs = []
-        for tta_pass in range(start, min(start + batch_size, passes)):
-            if passes == 1:
-                inputs.append(clean)
-                continue
-            hit = position_uniform_torch(seed, frame, tta_pass, source_grids, device)
-            inputs.append(clean.masked_fill(hit < noise_fraction, pass_values[tta_pass]))
-        with inference_precision(device, precision):
-            out = model(torch.stack(inputs))
-        out = out.double()
-        batch_sum = out.sum(dim=0)
-        batch_sq = (out * out).sum(dim=0)
-        total = batch_sum if total is None else total + batch_sum
-        total_sq = batch_sq if total_sq is None else total_sq + batch_sq
-    mean = total / passes
-    variance = (total_sq / passes - mean * mean).clamp_min(0)
-    std = variance.sqrt().sum(dim=0)
-    return mean.float().cpu().numpy(), std.float().cpu().numpy()

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cellulus_scale import ome_io
-from cellulus_scale.simulate import SimulationSpec, simulate_frames
+from cellulus_scale.io import ome_zarr
+from cellulus_scale.simulation.simulate import SimulationSpec, simulate_frames
 
 GROUND_TRUTH = "ground_truth"
 
@@ -19,16 +19,16 @@ def write_simulation(
     """Simulate ``spec`` frame by frame into ``path``: the image (axes tyx or tzyx) and its
     ground-truth instance labels ``labels/ground_truth`` (IDs kept across frames)."""
     spec.validate()
-    path = ome_io.check_output_path(path, overwrite)
+    path = ome_zarr.check_output_path(path, overwrite)
     if path.exists():
-        ome_io.remove_store(path)
+        ome_zarr.remove_store(path)
     axes = "tyx" if len(spec.shape) == 2 else "tzyx"
     shape = (spec.frames, *spec.shape)
     chunks = (1, *[min(chunk, s) for s in spec.shape])
-    root = ome_io.create_group(path)
-    ome_io.mark_status(root, "incomplete", command="simulate")
-    image = ome_io.create_level0(root, shape, chunks, np.uint16)
-    labels_group = ome_io.create_labels(root, GROUND_TRUTH, shape, chunks, np.uint32)
+    root = ome_zarr.create_group(path)
+    ome_zarr.mark_status(root, "incomplete", command="simulate")
+    image = ome_zarr.create_level0(root, shape, chunks, np.uint16)
+    labels_group = ome_zarr.create_labels(root, GROUND_TRUTH, shape, chunks, np.uint32)
     labels = labels_group["0"]
     divisions = []
     for frame, (raw, truth, divided) in enumerate(simulate_frames(spec)):
@@ -36,9 +36,9 @@ def write_simulation(
         labels[frame] = truth
         divisions += [[frame, int(m), int(d)] for m, d in divided]
     scale = (1.0,) * len(axes)
-    ome_io.finish_multiscale(root, axes, scale, path.stem)
-    ome_io.finish_labels(root, GROUND_TRUTH, axes, scale)
-    ome_io.mark_status(
+    ome_zarr.finish_multiscale(root, axes, scale, path.stem)
+    ome_zarr.finish_labels(root, GROUND_TRUTH, axes, scale)
+    ome_zarr.mark_status(
         root,
         "complete",
         command="simulate",

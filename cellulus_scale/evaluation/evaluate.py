@@ -2,9 +2,10 @@
 
 Each time point is one frame (a 2D image, or a z-stack for 3D data). Frames are scored
 blockwise: one Dask task per frame reads only that frame of both label images and returns its
-:class:`~cellulus_scale.metrics.FrameScores`, so a video larger than memory can be evaluated.
-The per-frame scores are pooled with :func:`~cellulus_scale.metrics.combine` (see
-:mod:`cellulus_scale.metrics` for the conventions).
+:class:`~cellulus_scale.evaluation.metrics.FrameScores`, so a video larger than memory can be
+evaluated. The per-frame scores are pooled with
+:func:`~cellulus_scale.evaluation.metrics.combine` (see :mod:`cellulus_scale.evaluation.metrics`
+for the conventions).
 """
 
 from __future__ import annotations
@@ -21,15 +22,15 @@ import dask
 import dask.array as da
 import numpy as np
 
-from cellulus_scale import ome_io
 from cellulus_scale.errors import UserInputError
-from cellulus_scale.metrics import (
+from cellulus_scale.evaluation.metrics import (
     SCALAR_SCORES,
     FrameScores,
     check_same_shape,
     combine,
     score_frame,
 )
+from cellulus_scale.io import ome_zarr
 
 _TABLE_COLUMNS = ("frame", *SCALAR_SCORES)
 
@@ -134,7 +135,7 @@ def _check_writable(path: Path) -> None:
         raise UserInputError(f"the folder {parent} does not exist", "create it first")
 
 
-def _label_frames(image: ome_io.OmeImage, what: str) -> da.Array:
+def _label_frames(image: ome_zarr.OmeImage, what: str) -> da.Array:
     """The labels as a 4D (t, z, y, x) Dask array, refusing several channels or float values."""
     data = image.canonical()
     if data.shape[1] != 1:
@@ -151,7 +152,7 @@ def _label_frames(image: ome_io.OmeImage, what: str) -> da.Array:
 
 
 def _check_shapes(
-    truth: ome_io.OmeImage, pred: ome_io.OmeImage, t_a: da.Array, p_a: da.Array
+    truth: ome_zarr.OmeImage, pred: ome_zarr.OmeImage, t_a: da.Array, p_a: da.Array
 ) -> None:
     try:
         check_same_shape(t_a.shape, p_a.shape)
@@ -195,11 +196,11 @@ def evaluate(
     """
     pred_path = Path(pred_path)
     truth_path = Path(truth_path) if truth_path is not None else pred_path
-    ome_io.check_complete(pred_path)
+    ome_zarr.check_complete(pred_path)
     if truth_path != pred_path:
-        ome_io.check_complete(truth_path)
-    pred = ome_io.open_labels(pred_path, pred_labels)
-    truth = ome_io.open_labels(truth_path, truth_labels)
+        ome_zarr.check_complete(truth_path)
+    pred = ome_zarr.open_labels(pred_path, pred_labels)
+    truth = ome_zarr.open_labels(truth_path, truth_labels)
     pred_frames = _label_frames(pred, "predicted")
     truth_frames = _label_frames(truth, "ground-truth")
     _check_shapes(truth, pred, truth_frames, pred_frames)

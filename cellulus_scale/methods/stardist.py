@@ -1,7 +1,8 @@
 """Blockwise prediction with a supervised StarDist model (checkpoint kind "stardist").
 
-:func:`cellulus_scale.predict.predict` hands a run here when its model is a StarDist model.
-Stages, each a set of independent block tasks recorded for ``--resume`` like the OCE path's:
+:func:`cellulus_scale.workflows.predict.predict` picks this method when its model is a StarDist
+model. Stages, each a set of independent block tasks recorded for ``--resume`` like the OCE
+method's:
 
 1. ``candidates``: the network's object probability and ray lengths on the block grown by a
    halo H (one object diameter, rounded up to the pooling grid), read with the network's
@@ -26,94 +27,59 @@ sphere, StarDist's 3D suppression and rendering).
 from __future__ import annotations
 
 import math
-import time
+from collections.abc import Sequence
 from dataclasses import asdict
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from cellulus_scale import ome_io
-from cellulus_scale.blocks import Block, owner_index
-from cellulus_scale.checkpoint import Checkpoint
-from cellulus_scale.errors import UserInputError
-from cellulus_scale.kernels import inference_precision, reflect_indices
-from cellulus_scale.model import smallest_valid_size_at_least
-from cellulus_scale.predict import (
-    LABELS_NAME,
-    Plan,
-    PredictResult,
-    Statistics,
-    _array,
-    _check_finite,
-    _count_done,
-    _frame_region,
-    _load_marker,
-    _load_model,
-    _marker,
-    _output_index,
-    _run_stage,
-    _save_marker,
-    _squeeze_like,
-    finish_output,
-    prepare_labels,
-    run_session,
+from cellulus_scale.blockwise.blocks import Block
+from cellulus_scale.blockwise.engine import Session, Stage
+from cellulus_scale.blockwise.plan import Plan
+from cellulus_scale.blockwise.store import (
+    FeatureImage,
+    check_finite,
+    labels_array,
+    read_region,
+    write_image_core,
+    write_labels_core,
 )
-from cellulus_scale.star_convex import render_polygons, suppress
+from cellulus_scale.errors import UserInputError
+from cellulus_scale.kernels.inference import predict_probability
+from cellulus_scale.kernels.star_convex import render_polygons, suppress
+from cellulus_scale.methods.base import (
+    Method,
+    MethodResult,
+    Statistics,
+    load_model,
+    network_window,
+)
+from cellulus_scale.model.checkpoint import Checkpoint
 
 
 def suppression_halo(plan: Plan, depth: int) -> tuple[int, int]:
     """(H, Hn): the candidates' halo (one diameter) and the network's output halo (H rounded
     up to the depth-``depth`` pooling grid, so that every block reads on the same phase)."""
-    halo = plan.segmentation.clustering_halo
+    halo = plan.settings.segmentation.clustering_halo
     step = 2**depth
     return halo, int(math.ceil(halo / step)) * step
 
 
-def predict_probability(
-    model: Any, image: np.ndarray, device: Any, precision: str = "float32"
-) -> np.ndarray:
-    """Probability and ray lengths (1 + n_rays, *out) of one normalised (C, *in) window,
-    computed in ``precision`` on a GPU (see :func:`~cellulus_scale.kernels.inference_precision`)."""
-    import torch
-
-    with torch.no_grad():
-        batch = torch.from_numpy(np.ascontiguousarray(image[None])).to(device)
-        with inference_precision(device, precision):
-            output = model(batch)[0]
-        output = output.float()
-        probability = torch.sigmoid(output[:1])
-        distances = output[1:].clamp_min(0.0)
-        return torch.cat([probability, distances]).cpu().numpy()
-
-
 def candidates_task(plan: Plan, frame: int, block: Block) -> dict[str, np.ndarray]:
     """Network on the grown block, candidates, suppression; keep the survivors this block owns."""
-    marker = _marker(plan, "candidates", frame, block)
-    done = _load_marker(marker)
-    if done is not None:
-        return done
-    model, checkpoint, device = _load_model(plan)
+    model, checkpoint, device = load_model(plan)
     depth = checkpoint.model_config.depth
     n_rays = checkpoint.model_config.outputs - 1
     halo, network_halo = suppression_halo(plan, depth)
-    context = plan.network_context
-    indices = []
-    for start, size, length in zip(block.start, block.shape, plan.spatial_shape, strict=True):
-        read = smallest_valid_size_at_least(size + 2 * (network_halo + context), depth)
-        first = start - network_halo - context
-        indices.append(reflect_indices(first, first + read, length))
-    raw = _frame_region(plan, frame, indices)
-    _check_finite(raw, plan, frame)
+    context = plan.settings.network_context
+    indices = network_window(plan, block, network_halo + context, depth)
+    raw = read_region(plan, frame, indices)
+    check_finite(raw, plan, frame)
     core_raw = raw[
         (slice(None),)
         + tuple(slice(context + network_halo, context + network_halo + s) for s in block.shape)
     ]
-    copy = _array(plan.output_path, "0")
-    copy[_output_index(plan, frame, block.core, slice(None))] = _squeeze_like(
-        plan, core_raw.astype(copy.dtype)
-    )
-    seg = plan.segmentation
+    write_image_core(plan, frame, block, core_raw)
+    seg = plan.settings.segmentation
     points = np.zeros((0, plan.spatial_dims), np.int64)
     probs = np.zeros(0, np.float32)
     dists = np.zeros((0, n_rays), np.float32)
@@ -128,22 +94,17 @@ def candidates_task(plan: Plan, frame: int, block: Block) -> dict[str, np.ndarra
             for r, s in zip(region, block.start, strict=True)
         )
         window = output[(slice(None), *local)]
-        inner = tuple(
-            slice(a - r.start, b - r.start)
-            for a, b, r in zip(block.start, block.stop, region, strict=True)
-        )
-        foreground = int((window[0][inner] > seg.prob_threshold).sum())
+        foreground = int((window[0][block.inner(region)] > seg.prob_threshold).sum())
         where = np.nonzero(window[0] > seg.prob_threshold)
         candidates = np.stack(where, axis=1) + np.array([r.start for r in region])
         candidate_probs = window[0][where]
         candidate_dists = window[1:][(slice(None), *where)].T
         kept = suppress(candidates, candidate_probs, candidate_dists, seg.nms_threshold)
-        owners = owner_index(candidates[kept], plan.spatial_shape, plan.block_size)
-        kept = kept[np.all(owners == np.asarray(block.index), axis=1)]
+        kept = kept[block.owns(candidates[kept], plan.spatial_shape, plan.block_size)]
         points = candidates[kept].astype(np.int64)
         probs = candidate_probs[kept].astype(np.float32)
         dists = np.ascontiguousarray(candidate_dists[kept], dtype=np.float32)
-    result = {
+    return {
         "points": points,
         "probs": probs,
         "dists": dists,
@@ -151,8 +112,6 @@ def candidates_task(plan: Plan, frame: int, block: Block) -> dict[str, np.ndarra
         "signal": np.array(bool(core_raw.size and core_raw.max() > core_raw.min())),
         "frame": np.array(frame),
     }
-    _save_marker(marker, **result)
-    return result
 
 
 def number_candidates(
@@ -186,94 +145,56 @@ def number_candidates(
 
 
 def labels_task(
-    plan: Plan, depth: int, frame: int, block: Block, kept: dict[str, np.ndarray]
+    plan: Plan, frame: int, block: Block, depth: int, kept: dict[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
     """Draw the kept polygons that overlap the grown block; write the block's core."""
-    marker = _marker(plan, "labels", frame, block)
-    done = _load_marker(marker)
-    if done is not None:
-        return done
-    target = _array(plan.output_path, f"labels/{LABELS_NAME}/0")
+    target = labels_array(plan)
     region = block.grown(suppression_halo(plan, depth)[0], plan.spatial_shape)
     labels = render_polygons(
         kept["points"], kept["dists"], kept["probs"], kept["ids"], region, target.dtype
     )
-    inner = tuple(
-        slice(a - r.start, b - r.start)
-        for a, b, r in zip(block.start, block.stop, region, strict=True)
-    )
-    core_labels = labels[inner]
-    target[_output_index(plan, frame, block.core, slice(0, 1))] = _squeeze_like(
-        plan, core_labels[None]
-    )
-    result = {"objects": np.unique(core_labels[core_labels > 0])}
-    _save_marker(marker, **result)
-    return result
+    core_labels = labels[block.inner(region)]
+    write_labels_core(plan, target, frame, block, core_labels)
+    return {"objects": np.unique(core_labels[core_labels > 0])}
 
 
-def predict_stardist(
-    plan: Plan,
-    image: ome_io.OmeImage,
-    checkpoint: Checkpoint,
-    scheduler: str | None,
-    workers: int | None,
-    client: Any,
-    overwrite: bool,
-    resume: bool,
-    save_embeddings: bool,
-    progress: bool,
-) -> PredictResult:
-    """Run the StarDist stages of ``plan`` (``checkpoint``: its model, of kind "stardist") on
-    Dask; write labels/cellulus; mark the output complete."""
-    from cellulus_scale.cluster import network_resources
 
-    if save_embeddings:
-        raise UserInputError(
-            "--save-embeddings is for OCE models; a StarDist model has no embeddings",
-            "drop --save-embeddings",
-        )
+def run(session: Session, checkpoint: Checkpoint | None) -> MethodResult:
+    """Candidates on the GPU workers (if any), numbered over the video, then drawn."""
+    assert checkpoint is not None
+    plan = session.plan
     depth, n_rays = checkpoint.model_config.depth, checkpoint.model_config.outputs - 1
-    timings: dict[str, float] = {}
-    recomputed: dict[str, int] = {}
-    work = [(frame, block) for frame in range(plan.frames) for block in plan.blocks]
-    with run_session(plan, image, client, scheduler, workers, overwrite, resume, progress) as (
-        dask,
-        plan,
-        root,
-    ):
-        start = time.perf_counter()
-        recomputed["candidates"] = len(work) - _count_done(plan, "candidates", work)
-        gpu = network_resources(dask, plan.device)  # GPU workers, if any, run the network
-        arguments = [(plan, f, b) for f, b in work]
-        found = _run_stage(dask, "candidates", candidates_task, arguments, progress, resources=gpu)
+    with session.timed("network"):
+        found = session.run(Stage("candidates", candidates_task, gpu=True))
         signal = [False] * plan.frames
         for r in found:
             signal[int(r["frame"])] |= bool(r["signal"])
         pixels = plan.frames * math.prod(plan.spatial_shape)
         stats = Statistics(
-            threshold=plan.segmentation.prob_threshold,
+            threshold=plan.settings.segmentation.prob_threshold,
             mean_offset=(0.0,) * plan.spatial_dims,
             frames_with_signal=tuple(signal),
             foreground_fraction=float(sum(int(r["foreground"]) for r in found) / pixels),
         )
-        ome_io.mark_status(root, "incomplete", statistics=asdict(stats))
+        session.record(statistics=asdict(stats))
         kept, objects = number_candidates(plan, found, n_rays)
-        timings["network"] = time.perf_counter() - start
 
-        start = time.perf_counter()
-        prepare_labels(plan, image, root, objects)
-        recomputed["labels"] = len(work) - _count_done(plan, "labels", work)
-        scattered = [dask.scatter([kept[f]], broadcast=False)[0] for f in range(plan.frames)]
-        _run_stage(
-            dask,
-            "labels",
-            labels_task,
-            [(plan, depth, f, b, scattered[f]) for f, b in work],
-            progress,
+    with session.timed("labels"):
+        labels = Stage("labels", labels_task)
+        session.prepare_labels(objects, written_by=labels)
+        scattered = session.scatter([[kept[f]] for f in range(plan.frames)])
+        session.run(labels, shared=(depth,), per_frame=scattered)
+    return MethodResult(objects, stats)
+
+
+def features(plan: Plan, save_embeddings: bool) -> Sequence[FeatureImage]:
+    """None: a StarDist model has no embeddings to keep."""
+    if save_embeddings:
+        raise UserInputError(
+            "--save-embeddings is for OCE models; a StarDist model has no embeddings",
+            "drop --save-embeddings",
         )
-        timings["labels"] = time.perf_counter() - start
+    return ()
 
-    start = time.perf_counter()
-    finish_output(plan, image, root, False, stats, objects)
-    timings["writing"] = time.perf_counter() - start
-    return PredictResult(Path(plan.output_path), objects, stats, len(work), recomputed, timings)
+
+METHOD = Method("stardist", run, features, network=True)

@@ -33,6 +33,19 @@ class Block:
             for a, b, size in zip(self.start, self.stop, bounds, strict=True)
         )
 
+    def inner(self, region: Sequence[slice]) -> tuple[slice, ...]:
+        """The core as slices into ``region``, a grown region that holds it."""
+        return tuple(
+            slice(a - r.start, b - r.start)
+            for a, b, r in zip(self.start, self.stop, region, strict=True)
+        )
+
+    def owns(
+        self, points: np.ndarray, shape: Sequence[int], block_size: Sequence[int]
+    ) -> np.ndarray:
+        """Which of the points (n, dims) this block owns (see :func:`owner_index`)."""
+        return np.all(owner_index(points, shape, block_size) == np.asarray(self.index), axis=1)
+
     @property
     def name(self) -> str:
         return "_".join(str(i) for i in self.index)

@@ -18,15 +18,18 @@ from typing import Any
 import torch
 
 from cellulus_scale.config import SUPERVISED_PRESETS, ModelConfig, SupervisedConfig
-from cellulus_scale.data import LabelledCrops, check_labels_match
 from cellulus_scale.errors import UserInputError
-from cellulus_scale.loss import stardist_loss
-from cellulus_scale.model import check_input_size, context, output_size
-from cellulus_scale.ome_io import check_complete, open_image, open_labels
-from cellulus_scale.star_convex import DEFAULT_RAYS, MIN_RAYS
-from cellulus_scale.train import (
+from cellulus_scale.io.ome_zarr import open_labels
+from cellulus_scale.kernels.star_convex import DEFAULT_RAYS, MIN_RAYS
+from cellulus_scale.model.loss import stardist_loss
+from cellulus_scale.model.unet import check_input_size, context, output_size
+from cellulus_scale.training.crops import LabelledCrops, check_labels_match
+from cellulus_scale.training.loop import (
+    Recipe,
+    TrainingOptions,
     TrainResult,
-    choose_device,
+    autocast,
+    open_training_image,
     prepare_training,
     run_training,
 )
@@ -70,6 +73,16 @@ def check_supervised_crop(
         )
 
 
+SUPERVISED = Recipe(
+    KIND,
+    SUPERVISED_PRESETS,
+    SupervisedConfig,
+    check_supervised_crop,
+    LOG_COLUMNS,
+    "StarDist loss",
+)
+
+
 def train_supervised(
     image_path: str | os.PathLike[str],
     model_path: str | os.PathLike[str],
@@ -89,13 +102,14 @@ def train_supervised(
     image ``labels/<labels>``; write MODEL.pt (kind "stardist") beside a CSV loss log and a PNG
     loss plot. ``overrides`` take any ModelConfig or SupervisedConfig field.
 
-    As :func:`cellulus_scale.train.train`: every crop is a function of (seed, crop index), so
-    ``resume=True`` continues exactly; on resume the checkpoint's settings are kept (``labels``
-    may be left out), ``epochs`` and ``num_workers`` may change."""
+    As :func:`cellulus_scale.training.oce.train`: every crop is a function of (seed, crop
+    index), so ``resume=True`` continues exactly; on resume the checkpoint's settings are kept
+    (``labels`` may be left out), ``epochs`` and ``num_workers`` may change."""
     model_path = Path(model_path)
-    image = open_image(image_path, axes)
-    check_complete(image.path)
-    torch_device = choose_device(device)
+    options = TrainingOptions(
+        preset, axes, epochs, max_minutes, device, seed, resume, overwrite, progress
+    )
+    image, torch_device = open_training_image(image_path, options)
     if labels is not None:  # checked before anything is read or estimated
         check_labels_match(image, open_labels(image.path, labels), labels)
         overrides["labels"] = labels
@@ -108,25 +122,11 @@ def train_supervised(
         overrides["n_rays"] = DEFAULT_RAYS[3]  # rays on a sphere: 96 by default in 3D
     if "n_rays" in overrides and not resume:
         overrides.setdefault("out_channels", 1 + int(overrides["n_rays"]))
-    setup = prepare_training(
-        image,
-        model_path,
-        KIND,
-        SUPERVISED_PRESETS,
-        SupervisedConfig,
-        check_supervised_crop,
-        preset,
-        epochs,
-        seed,
-        resume,
-        overwrite,
-        overrides,
-    )
+    setup = prepare_training(image, model_path, SUPERVISED, options, overrides)
     config: SupervisedConfig = setup.train_config
     label_image = open_labels(image.path, config.labels)
     check_labels_match(image, label_image, config.labels)
     margin = context(setup.model_config.depth)
-    use_amp = torch_device.type == "cuda"
 
     def make_dataset(length: int) -> LabelledCrops:
         return LabelledCrops(
@@ -145,7 +145,7 @@ def train_supervised(
         model: torch.nn.Module, batch: tuple[torch.Tensor, ...], step: int
     ) -> tuple[torch.Tensor, list[str]]:
         crops, probability, distances, weight = batch
-        with torch.autocast(torch_device.type, dtype=torch.bfloat16, enabled=use_amp):
+        with autocast(torch_device):
             output = model(crops)
         loss, parts = stardist_loss(
             output.float(),
@@ -168,16 +168,5 @@ def train_supervised(
                 model.head[-1].bias[1:] = inside.mean()
 
     return run_training(
-        setup,
-        model_path,
-        KIND,
-        make_dataset,
-        step_loss,
-        LOG_COLUMNS,
-        "StarDist loss",
-        max_minutes,
-        torch_device,
-        resume,
-        progress,
-        initialise,
+        setup, model_path, SUPERVISED, make_dataset, step_loss, options, torch_device, initialise
     )

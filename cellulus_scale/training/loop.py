@@ -1,6 +1,10 @@
-"""Self-supervised OCE training (``cellulus-scale train``), and the training machinery that the
-supervised model (:mod:`cellulus_scale.train_supervised`) shares: settings and resume checks
-(:func:`prepare_training`) and the loop with checkpoints, log and plot (:func:`run_training`)."""
+"""The training machinery every model shares: settings and resume checks
+(:func:`prepare_training`), and the loop with checkpoints, log and plot (:func:`run_training`).
+
+A model brings its :class:`Recipe` (checkpoint kind, presets, settings class, crop check, log
+columns), its crops and its loss; :mod:`cellulus_scale.training.oce` (self-supervised OCEs) and
+:mod:`cellulus_scale.training.stardist` (supervised refinement) are the two.
+"""
 
 from __future__ import annotations
 
@@ -18,26 +22,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cellulus_scale.checkpoint import Checkpoint, check_compatible, load_checkpoint, save_checkpoint
-from cellulus_scale.cluster import cpu_count
+from cellulus_scale.blockwise.cluster import cpu_count
 from cellulus_scale.config import PRESETS, ModelConfig, Preset, TrainConfig
-from cellulus_scale.data import (
-    Normalisation,
-    RandomCrops,
-    crops_per_epoch,
-    estimate_normalisation,
-)
 from cellulus_scale.errors import UserInputError
-from cellulus_scale.loss import oce_loss, sample_pairs
-from cellulus_scale.model import (
-    UNet,
-    check_input_size,
-    output_size,
-    smallest_valid_size_at_least,
+from cellulus_scale.io.ome_zarr import OmeImage, check_complete, open_image
+from cellulus_scale.kernels.normalisation import Normalisation
+from cellulus_scale.model.checkpoint import (
+    Checkpoint,
+    check_compatible,
+    load_checkpoint,
+    save_checkpoint,
 )
-from cellulus_scale.ome_io import OmeImage, check_complete, open_image
-
-LOG_COLUMNS = ["step", "epoch", "loss", "pair", "reg", "lr", "seconds", "data_wait"]
+from cellulus_scale.model.device import choose_device
+from cellulus_scale.model.unet import UNet
+from cellulus_scale.training.crops import crops_per_epoch, estimate_normalisation
 
 
 @dataclass(frozen=True)
@@ -53,15 +51,47 @@ class TrainResult:
     stopped_early: bool
 
 
-def choose_device(device: str = "auto") -> torch.device:
-    """'auto' picks CUDA where present, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserInputError(
-            "--device cuda was asked for but no CUDA GPU is available", "use --device auto or cpu"
-        )
-    return torch.device(device)
+@dataclass(frozen=True)
+class Recipe:
+    """What a kind of model brings to the shared machinery besides its crops and its loss."""
+
+    kind: str  # the checkpoint kind: "oce" or "stardist"
+    presets: dict[str, Preset]
+    config_class: type  # TrainConfig or SupervisedConfig
+    check_crop: Callable[[ModelConfig, Any, tuple[int, ...]], None]  # refuses unsuitable crops
+    columns: list[str]  # of the loss log
+    ylabel: str  # of the loss plot
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """The options of a training run that every model takes (see
+    :func:`~cellulus_scale.training.oce.train`)."""
+
+    preset: str = "paper"
+    axes: str | None = None
+    epochs: int | None = None
+    max_minutes: float | None = None
+    device: str = "auto"
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+
+def open_training_image(
+    image_path: str | os.PathLike[str], options: TrainingOptions
+) -> tuple[OmeImage, torch.device]:
+    """The image to train on (refused if a run left it incomplete) and the torch device."""
+    image = open_image(image_path, options.axes)
+    check_complete(image.path)
+    return image, choose_device(options.device)
+
+
+def autocast(device: torch.device) -> Any:
+    """Forward passes in bfloat16 on a GPU (the loss is computed in float32), float32 on the
+    CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def learning_rate(config: TrainConfig, epoch: int) -> float:
@@ -95,46 +125,6 @@ def resolve_configs(
     layout = {"spatial_dims": image.spatial_dims, "in_channels": image.canonical_shape[1]}
     model_config = replace(chosen.model, **{**layout, **model_fields})
     return model_config, replace(chosen.train, **train_fields)
-
-
-def smallest_trainable_crop(depth: int, kappa: float) -> int:
-    """The smallest crop whose output leaves room for pairs within radius ``kappa``."""
-    size = smallest_valid_size_at_least(1, depth)
-    while (output_size(size, depth) or 0) <= 2 * math.floor(kappa):
-        size = smallest_valid_size_at_least(size + 1, depth)
-    return size
-
-
-def check_crop_size(
-    crop_size: int, depth: int, kappa: float, spatial_shape: tuple[int, ...]
-) -> None:
-    """Refuse crops the network cannot take, that leave too few output pixels for pairs, or that
-    do not fit in the image; the message names the sizes that would work."""
-    check_input_size(crop_size, depth)
-    smallest = smallest_trainable_crop(depth, kappa)
-    out_size = output_size(crop_size, depth)
-    assert out_size is not None
-    side = min(spatial_shape)
-    if crop_size < smallest:
-        raise UserInputError(
-            f"crop size {crop_size} leaves {out_size} output pixels, too few for pairs"
-            f" within radius {kappa:g}",
-            f"use --crop-size {smallest} or larger (a size the depth-{depth} network can take)",
-        )
-    if crop_size > side:
-        largest = next(
-            (s for s in range(side, smallest - 1, -1) if output_size(s, depth) is not None), None
-        )
-        shape = "x".join(map(str, spatial_shape))
-        if largest is None:
-            raise UserInputError(
-                f"the image ({shape}) is smaller than the smallest trainable crop ({smallest} px)",
-                "train on larger images",
-            )
-        raise UserInputError(
-            f"crop size {crop_size} is larger than the image ({shape})",
-            f"use --crop-size {largest} or smaller (a size the depth-{depth} network can take)",
-        )
 
 
 def write_loss_plot(csv_path: Path, png_path: Path, ylabel: str = "OCE loss") -> None:
@@ -214,7 +204,7 @@ def _resume_changes(
     return changes
 
 
-def _start_log(log_path: Path, step: int, columns: list[str] = LOG_COLUMNS) -> None:
+def _start_log(log_path: Path, step: int, columns: list[str]) -> None:
     """A fresh loss log, or on resume the old one cut back to the resumed step (a run stopped
     between checkpoints logged steps that are now done again)."""
     rows: list[list[str]] = []
@@ -244,20 +234,17 @@ class TrainingSetup:
 def prepare_training(
     image: OmeImage,
     model_path: Path,
-    kind: str,
-    presets: dict[str, Preset],
-    config_class: type,
-    check_crop: Callable[[ModelConfig, Any, tuple[int, ...]], None],
-    preset: str,
-    epochs: int | None,
-    seed: int,
-    resume: bool,
-    overwrite: bool,
+    recipe: Recipe,
+    options: TrainingOptions,
     overrides: dict[str, Any],
 ) -> TrainingSetup:
     """Settings of a new run (preset, overrides, normalisation estimated from the image) or of a
-    resumed one (the checkpoint's, of ``kind``; only ``epochs`` and ``num_workers`` may change);
-    ``check_crop`` refuses crops that do not suit the model or the image."""
+    resumed one (the checkpoint's, of the recipe's kind; only ``epochs`` and ``num_workers`` may
+    change); the recipe's ``check_crop`` refuses crops that do not suit the model or the image."""
+    kind, presets, config_class = recipe.kind, recipe.presets, recipe.config_class
+    check_crop = recipe.check_crop
+    preset, epochs, seed = options.preset, options.epochs, options.seed
+    resume, overwrite = options.resume, options.overwrite
     spatial_shape = tuple(image.canonical_shape[-image.spatial_dims :])
     checkpoint: Checkpoint | None = None
     if resume:
@@ -357,22 +344,20 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 def run_training(
     setup: TrainingSetup,
     model_path: Path,
-    kind: str,
+    recipe: Recipe,
     make_dataset: Callable[[int], torch.utils.data.Dataset],
     step_loss: StepLoss,
-    columns: list[str],
-    ylabel: str,
-    max_minutes: float | None,
+    options: TrainingOptions,
     torch_device: torch.device,
-    resume: bool,
-    progress: bool,
     initialise: Callable[[UNet], None] | None = None,
 ) -> TrainResult:
     """The training loop shared by all models: Adam with the epoch's learning rate, batches from
     ``make_dataset(length)`` taken in index order (so a resumed run sees the same crops), a
-    checkpoint of ``kind`` after every epoch and at the end, a CSV log with ``columns`` (step,
-    epoch, loss, the cells ``step_loss`` returns, lr, seconds, data_wait) and its plot.
-    ``initialise`` may adjust a new model's initial weights (not called on resume)."""
+    checkpoint of the recipe's kind after every epoch and at the end, a CSV log with the recipe's
+    columns (step, epoch, loss, the cells ``step_loss`` returns, lr, seconds, data_wait) and its
+    plot. ``initialise`` may adjust a new model's initial weights (not called on resume)."""
+    kind, columns, ylabel = recipe.kind, recipe.columns, recipe.ylabel
+    max_minutes, resume, progress = options.max_minutes, options.resume, options.progress
     image, model_config, train_config = setup.image, setup.model_config, setup.train_config
     normalisation, state = setup.normalisation, setup.state
     torch.manual_seed(train_config.seed)
@@ -513,101 +498,4 @@ def run_training(
         seconds=seconds,
         data_wait_fraction=waited / loop_seconds if loop_seconds > 0 and done else 0.0,
         stopped_early=stopped_early,
-    )
-
-
-def train(
-    image_path: str | os.PathLike[str],
-    model_path: str | os.PathLike[str],
-    preset: str = "paper",
-    axes: str | None = None,
-    epochs: int | None = None,
-    max_minutes: float | None = None,
-    device: str = "auto",
-    seed: int = 0,
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    **overrides: Any,
-) -> TrainResult:
-    """Train the mini U-Net on random crops of an OME-Zarr image; write MODEL.pt beside a CSV loss
-    log and a PNG loss plot. ``overrides`` take any ModelConfig or TrainConfig field.
-
-    Every crop is a function of (seed, crop index) and every pair sample of (seed, step), and the
-    learning rate of the epoch, so ``resume=True`` continues exactly where the checkpoint stopped:
-    stopping (``max_minutes``, ``epochs``) and resuming gives the same weights as one run. On
-    resume the checkpoint's settings are kept (``preset`` and ``seed`` are ignored); ``epochs``
-    and ``num_workers`` may change, any other override must equal the stored value."""
-    model_path = Path(model_path)
-    image = open_image(image_path, axes)
-    check_complete(image.path)
-    torch_device = choose_device(device)
-
-    def check_crop(model_config: ModelConfig, config: TrainConfig, shape: tuple[int, ...]) -> None:
-        check_crop_size(config.crop_size, model_config.depth, config.kappa, shape)
-
-    setup = prepare_training(
-        image,
-        model_path,
-        "oce",
-        PRESETS,
-        TrainConfig,
-        check_crop,
-        preset,
-        epochs,
-        seed,
-        resume,
-        overwrite,
-        overrides,
-    )
-    train_config: TrainConfig = setup.train_config
-    use_amp = torch_device.type == "cuda"
-
-    def make_dataset(length: int) -> RandomCrops:
-        return RandomCrops(
-            image,
-            train_config.crop_size,
-            setup.normalisation,
-            train_config.seed,
-            length=length,
-            elastic=train_config.elastic,
-        )
-
-    def step_loss(
-        model: torch.nn.Module, batch: torch.Tensor, step: int
-    ) -> tuple[torch.Tensor, list[str]]:
-        generator = torch.Generator().manual_seed(train_config.seed * 1_000_003 + step)
-        with torch.autocast(torch_device.type, dtype=torch.bfloat16, enabled=use_amp):
-            offsets = model(batch)
-        offsets = offsets.float()
-        anchors, partners = sample_pairs(
-            tuple(offsets.shape[2:]),
-            offsets.shape[0],
-            train_config.pair_fraction,
-            train_config.kappa,
-            generator,
-            torch_device,
-        )
-        loss, parts = oce_loss(
-            offsets,
-            anchors,
-            partners,
-            train_config.tau,
-            train_config.lambda_reg,
-            train_config.damping,
-        )
-        return loss, [f"{parts['pair']:.6f}", f"{parts['reg']:.4f}"]
-
-    return run_training(
-        setup,
-        model_path,
-        "oce",
-        make_dataset,
-        step_loss,
-        LOG_COLUMNS,
-        "OCE loss",
-        max_minutes,
-        torch_device,
-        resume,
-        progress,
     )

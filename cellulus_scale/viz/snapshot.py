@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cellulus_scale import ome_io
 from cellulus_scale.errors import UserInputError
-from cellulus_scale.preview import render_preview
+from cellulus_scale.io import ome_zarr
+from cellulus_scale.viz.preview import render_preview
 
 
 def _index(value: object, what: str) -> int:
@@ -42,9 +42,9 @@ def preview_frame(
     """
     store_path = Path(store_path)
     output_png = Path(output_png)
-    ome_io.check_complete(store_path)
-    image = ome_io.open_image(store_path)
-    label_image = ome_io.open_labels(store_path, labels)
+    ome_zarr.check_complete(store_path)
+    image = ome_zarr.open_image(store_path)
+    label_image = ome_zarr.open_labels(store_path, labels)
 
     n_frames, n_channels = image.canonical_shape[:2]
     frame = _index(frame, "frame")

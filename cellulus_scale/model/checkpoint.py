@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from cellulus_scale.config import ModelConfig
-from cellulus_scale.data import Normalisation
 from cellulus_scale.errors import UserInputError
-from cellulus_scale.model import UNet
+from cellulus_scale.kernels.normalisation import Normalisation
+from cellulus_scale.model.unet import UNet
 
 FORMAT = "cellulus-scale-checkpoint"
 FORMAT_VERSION = 1

@@ -10,7 +10,7 @@ from scipy.spatial import cKDTree
 from skimage.filters import threshold_otsu
 from sklearn.cluster import MeanShift
 
-from cellulus_scale.kernels import position_uniform
+from cellulus_scale.kernels.noise import position_uniform
 
 FIT_SAMPLE_PASS = -1  # the noise stream used to pick the mean-shift fit sample
 

@@ -1,0 +1,1 @@
+"""The blockwise engine, which knows nothing about Cellulus: blocks, plan, stages, cluster."""

@@ -1,0 +1,242 @@
+"""The blockwise engine: runs stages of block tasks on Dask, after daisy's model of a task (a
+read region, a write region, a process function and a done check). It knows no method.
+
+A :class:`Stage` is a name and a process function ``(plan, frame, block, *shared) -> result``
+that reads its read-region of the input or of earlier outputs, writes only its block's core,
+and returns a small dict of numpy arrays. The engine records every result in a marker file
+``OUT.zarr/.cellulus-scale/<stage>/<frame>_<block>.npz`` and returns the recorded result of a
+finished block instead of computing it again: that is the done check, and what ``--resume``
+relies on. Between stages a method reduces the results (e.g. whole-video statistics) and
+passes them on as shared arguments.
+
+A :class:`Session` is one run: its Dask client (given, or a local cluster started for it), the
+plan sized to the cluster's workers, and the prepared output store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from cellulus_scale.blockwise.blocks import Block
+from cellulus_scale.blockwise.plan import Plan
+from cellulus_scale.blockwise.store import WORK_DIR, FeatureImage, prepare_labels, prepare_output
+from cellulus_scale.errors import UserInputError
+from cellulus_scale.io.ome_zarr import OmeImage, mark_status
+
+#: A stage's process function: (plan, frame, block, *shared) -> small result.
+Process = Callable[..., dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One task per (frame, block) of the video."""
+
+    name: str  # the marker folder, and the key of the count of blocks computed
+    process: Process
+    label: str | None = None  # the progress bar's and error messages' name (default: name)
+    gpu: bool = False  # runs the network: on the GPU workers where the cluster has any
+    recorded: bool = True  # False: no marker, computed again on --resume (cheap passes)
+
+    @property
+    def title(self) -> str:
+        return self.label or self.name
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Where and how a run executes."""
+
+    scheduler: str | None = None  # address of a Dask scheduler; None: a local cluster
+    workers: int | None = None  # local cluster's CPU workers (default: one per core)
+    client: Any = None  # a distributed.Client to run on instead
+    overwrite: bool = False
+    resume: bool = False
+    progress: bool = True
+
+
+# --- markers: what is done, for --resume -----------------------------------------------------
+
+
+def marker_path(plan: Plan, stage: str, frame: int, block: Block) -> Path:
+    return Path(plan.output_path) / WORK_DIR / stage / f"{frame}_{block.name}.npz"
+
+
+def _save_marker(path: Path, **values: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.stem + ".partial.npz")
+    np.savez(temporary, **values)
+    os.replace(temporary, path)
+
+
+def _load_marker(path: Path) -> dict[str, np.ndarray] | None:
+    if not path.exists():
+        return None
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
+def recorded_task(
+    stage: str, process: Process, plan: Plan, frame: int, block: Block, *shared: Any
+) -> dict[str, np.ndarray]:
+    """``process`` on one block, unless its result is recorded: then that result."""
+    marker = marker_path(plan, stage, frame, block)
+    done = _load_marker(marker)
+    if done is not None:
+        return done
+    result = process(plan, frame, block, *shared)
+    _save_marker(marker, **result)
+    return result
+
+
+@dataclass
+class Session:
+    """A run in progress: its client, plan and output, the blocks each stage computed (rather
+    than found recorded) and the seconds of each part."""
+
+    client: Any
+    plan: Plan
+    image: OmeImage
+    root: zarr.Group
+    progress: bool = True
+    recomputed: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def run(
+        self,
+        stage: Stage,
+        shared: Sequence[Any] = (),
+        per_frame: Sequence[Sequence[Any]] | None = None,
+        collect: Callable[[dict[str, np.ndarray]], None] | None = None,
+    ) -> list[dict[str, np.ndarray]]:
+        """Run ``stage`` on every (frame, block): ``stage.process(plan, frame, block, *shared,
+        *per_frame[frame])``. Returns the results in order, or hands each to ``collect``."""
+        from dask.utils import funcname
+
+        from cellulus_scale.blockwise.cluster import network_resources
+
+        plan, work = self.plan, self.plan.work
+        if stage.recorded:
+            self.recomputed[stage.name] = len(work) - self.count_done(stage)
+            function, head = recorded_task, (stage.name, stage.process)
+        else:
+            function, head = stage.process, ()
+        # GPU workers, if any, run the network
+        resources = network_resources(self.client, plan.device) if stage.gpu else None
+        args = [
+            (*head, plan, f, b, *shared, *(per_frame[f] if per_frame is not None else ()))
+            for f, b in work
+        ]
+        prefix = funcname(stage.process)  # the tasks' names, on the dashboard too
+        return self._submit(stage.title, function, args, prefix, collect, resources)
+
+    def _submit(
+        self,
+        name: str,
+        function: Callable,
+        args: list[tuple],
+        prefix: str,
+        collect: Callable[[Any], None] | None,
+        resources: dict[str, float] | None,
+    ) -> list[Any]:
+        """Run ``function`` on every argument tuple (tasks keyed ``<prefix>-<uuid>``, retried
+        twice); return the results in order, or hand each to ``collect`` as it arrives (and
+        return nothing) so that they need not all be held. ``resources`` (e.g. ``{"GPU": 1}``)
+        restricts the tasks to workers that advertise them."""
+        from distributed import as_completed
+        from tqdm.auto import tqdm
+
+        client, output, progress = self.client, self.plan.output_path, self.progress
+        futures = [
+            client.submit(
+                function, *a, key=f"{prefix}-{uuid.uuid4()}", retries=2, resources=resources
+            )
+            for a in args
+        ]
+        index = {f.key: i for i, f in enumerate(futures)}
+        results: list[Any] = [None] * len(futures)
+        with tqdm(
+            total=len(futures), desc=name, unit="block", disable=None if progress else True
+        ) as bar:
+            try:
+                for future in as_completed(futures):
+                    if collect is None:
+                        results[index[future.key]] = future.result()
+                    else:
+                        collect(future.result())
+                        future.release()
+                    bar.update()
+            except OSError as error:  # a full disk or a read-only output, met by a task
+                client.cancel(futures)
+                if error.errno is None:  # e.g. distributed's CommClosedError: not a file's error
+                    raise
+                raise UserInputError(
+                    f"{error.strerror} in the output {output} (stage {name})",
+                    "free space or make it writable, then rerun the same command with --resume",
+                ) from None
+            except BaseException:
+                client.cancel(futures)
+                raise
+        return results if collect is None else []
+
+    def count_done(self, stage: Stage) -> int:
+        """The blocks whose result ``stage`` has recorded."""
+        return sum(marker_path(self.plan, stage.name, f, b).exists() for f, b in self.plan.work)
+
+    def scatter(self, per_frame: Sequence[Sequence[Any]]) -> list[list[Any]]:
+        """Send each frame's values to the cluster once, for :meth:`run`'s ``per_frame``."""
+        return [self.client.scatter(list(values), broadcast=False) for values in per_frame]
+
+    def record(self, **details: Any) -> None:
+        """Record details (e.g. statistics) in the output's status, still incomplete."""
+        mark_status(self.root, "incomplete", **details)
+
+    def prepare_labels(self, objects: int, written_by: Stage) -> None:
+        """Create the label array for ``objects`` objects unless a resumed run has it in the
+        right dtype; a new array voids the blocks ``written_by`` recorded before."""
+        if prepare_labels(self.plan, self.image, self.root, objects):
+            for stale in (Path(self.plan.output_path) / WORK_DIR / written_by.name).glob("*.npz"):
+                stale.unlink()
+
+    @contextlib.contextmanager
+    def timed(self, part: str) -> Iterator[None]:
+        """Record the seconds the body takes as ``timings[part]``."""
+        start = time.perf_counter()
+        yield
+        self.timings[part] = time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def run_session(
+    plan: Plan,
+    image: OmeImage,
+    options: RunOptions,
+    features: Sequence[FeatureImage] = (),
+    network: bool = False,
+) -> Iterator[Session]:
+    """The session of a run: on ``options.client``, or on a cluster started for it (with a
+    worker per GPU where a ``network`` runs on GPUs), with the plan sized to its workers and
+    the output store prepared."""
+    from cellulus_scale.blockwise.cluster import dask_client, local_gpu_count, threads_per_host
+
+    if options.client is not None:
+        manager = contextlib.nullcontext(options.client)
+    else:  # a local cluster: with a worker per GPU where the network runs on GPUs
+        uses_gpu = network and plan.device != "cpu" and options.scheduler is None
+        gpus = local_gpu_count() if uses_gpu else 0
+        manager = dask_client(options.scheduler, options.workers, gpus=gpus)
+    with manager as dask:
+        if options.progress and dask.dashboard_link:
+            print(f"Dask dashboard: {dask.dashboard_link}", flush=True)
+        plan = replace(plan, torch_threads=threads_per_host(dask))
+        root = prepare_output(plan, image, options.overwrite, options.resume, features)
+        yield Session(dask, plan, image, root, options.progress)

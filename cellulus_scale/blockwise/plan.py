@@ -1,0 +1,92 @@
+"""The plan of a blockwise run: input, output, block grid and device, and the method's own
+settings, which the engine carries without looking inside. Small and picklable: every task
+gets it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from cellulus_scale.blockwise.blocks import Block, block_grid
+from cellulus_scale.io.ome_zarr import OmeImage
+
+
+class MethodSettings(Protocol):
+    """What the plan needs of a method's settings: frozen and picklable, and able to say how the
+    plan is recorded in the output (``--resume`` compares that record)."""
+
+    def record(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """The plan's record: its ``fields`` and these settings, as JSON values."""
+        ...
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A blockwise run: input, output, blocks, device, and the method with its settings."""
+
+    input_path: str
+    input_axes: str
+    output_path: str
+    block_size: tuple[int, ...]
+    frames: int
+    channels: int
+    spatial_shape: tuple[int, ...]
+    device: str
+    method: str
+    settings: MethodSettings
+    torch_threads: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.spatial_shape)
+
+    @property
+    def blocks(self) -> list[Block]:
+        return block_grid(self.spatial_shape, self.block_size)
+
+    @property
+    def work(self) -> list[tuple[int, Block]]:
+        """Every (frame, block) of the video: the tasks of one stage."""
+        return [(frame, block) for frame in range(self.frames) for block in self.blocks]
+
+    def to_json(self) -> dict[str, Any]:
+        """The plan as the output records it (without the per-run thread counts)."""
+        fields = {
+            "input_path": self.input_path,
+            "input_axes": self.input_axes,
+            "output_path": self.output_path,
+            "block_size": self.block_size,
+            "frames": self.frames,
+            "channels": self.channels,
+            "spatial_shape": self.spatial_shape,
+            "device": self.device,
+            "method": self.method,
+        }
+        return self.settings.record(fields)
+
+
+def make_plan(
+    image: OmeImage,
+    output_path: str | os.PathLike[str],
+    block_size: int,
+    device: str,
+    method: str,
+    settings: MethodSettings,
+) -> Plan:
+    """The plan of a run on ``image`` in blocks of ``block_size`` on every spatial axis."""
+    frames, channels, depth, height, width = image.canonical_shape
+    spatial = (depth, height, width) if image.spatial_dims == 3 else (height, width)
+    return Plan(
+        input_path=str(image.path),
+        input_axes=image.axes,
+        output_path=str(Path(output_path)),
+        block_size=(block_size,) * len(spatial),
+        frames=frames,
+        channels=channels,
+        spatial_shape=spatial,
+        device=device,
+        method=method,
+        settings=settings,
+    )

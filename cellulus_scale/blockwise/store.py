@@ -1,0 +1,251 @@
+"""The input and the output store of a blockwise run.
+
+The output (``OUT.zarr``, NGFF 0.4) holds a copy of the image (array ``0``), the instance labels
+``labels/cellulus``, the feature images a method declares (:class:`FeatureImage`, e.g. the OCE
+embeddings), and, while the run is unfinished, the recorded block results under
+``.cellulus-scale/``. Tasks read their read-region of the input and write only their block's
+core of the outputs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from cellulus_scale.blockwise.blocks import Block
+from cellulus_scale.blockwise.plan import Plan
+from cellulus_scale.blockwise.worker import cached
+from cellulus_scale.errors import UserInputError
+from cellulus_scale.io import ome_zarr
+
+LABELS_NAME = "cellulus"  # the output's labels: labels/cellulus
+WORK_DIR = ".cellulus-scale"  # the recorded block results of an unfinished run
+
+
+@dataclass(frozen=True)
+class FeatureImage:
+    """A float32 image (t, c, *spatial) that a method writes besides the labels, chunked like
+    the blocks: at the end of the run kept as an NGFF image (one level) if ``keep``, else
+    removed."""
+
+    name: str
+    channels: int
+    keep: bool = False
+
+
+# --- the input -------------------------------------------------------------------------------
+
+
+def input_image(plan: Plan) -> ome_zarr.OmeImage:
+    """The plan's input, opened once per worker."""
+    return cached(
+        ("image", plan.input_path, plan.input_axes),
+        lambda: ome_zarr.open_image(plan.input_path, plan.input_axes or None),
+    )
+
+
+def read_region(plan: Plan, frame: int, indices: Sequence[np.ndarray]) -> np.ndarray:
+    """Read (C, *spatial) of ``frame`` at the given global index vectors (reflection applied):
+    only the bounding box is read, then the indices are taken from it."""
+    data = input_image(plan).canonical()
+    boxes = tuple(slice(int(i.min()), int(i.max()) + 1) for i in indices)
+    if plan.spatial_dims == 2:
+        region = data[frame, :, 0][(slice(None), *boxes)]
+    else:
+        region = data[frame][(slice(None), *boxes)]
+    try:
+        values = np.asarray(region.compute(scheduler="synchronous"))
+    except Exception as error:
+        bad = " and ".join(ome_zarr.damaged_chunks(input_image(plan), frame, boxes))
+        raise UserInputError(
+            f"cannot read frame {frame}, region {[(b.start, b.stop) for b in boxes]} of "
+            f"{plan.input_path}{f', damaged chunk {bad}' if bad else ''}"
+            f" ({type(error).__name__}: {str(error)[:80]})",
+            "the input store is damaged there; repair or re-export it, then rerun with --resume",
+        ) from None
+    local = np.ix_(*[i - b.start for i, b in zip(indices, boxes, strict=True)])
+    return values[(slice(None), *local)]
+
+
+def check_finite(values: np.ndarray, plan: Plan, frame: int) -> None:
+    """Refuse input values that are NaN or Inf."""
+    if values.dtype.kind == "f" and not np.all(np.isfinite(values)):
+        kinds = (("NaN", np.isnan), ("Inf", np.isinf))
+        found = " and ".join(name for name, test in kinds if test(values).any())
+        raise UserInputError(
+            f"frame {frame} of {plan.input_path} contains {found} values",
+            "replace them (e.g. with 0) before predicting",
+        )
+
+
+# --- block writes and reads of the output ------------------------------------------------------
+
+
+def output_array(plan: Plan, name: str) -> zarr.Array:
+    return zarr.open_array(str(Path(plan.output_path) / name), mode="r+")
+
+
+def output_index(plan: Plan, frame: int, core: Sequence[slice], channels: slice) -> tuple:
+    """Index into an output array with the input's axes (t, c, z, y, x subset)."""
+    axes = plan.input_axes
+    spatial = dict(zip("zyx"[-plan.spatial_dims :], core, strict=True))
+    index = []
+    for axis in axes:
+        if axis == "t":
+            index.append(frame)
+        elif axis == "c":
+            index.append(channels)
+        elif axis in spatial:
+            index.append(spatial[axis])
+        else:  # a z axis of length 1 in 2D data
+            index.append(slice(0, 1))
+    return tuple(index)
+
+
+def squeeze_like(plan: Plan, values: np.ndarray) -> np.ndarray:
+    """Shape (C, *spatial) values for assignment into :func:`output_index`."""
+    axes = plan.input_axes
+    shaped = values if "c" in axes else values[0]
+    if "z" in axes and plan.spatial_dims == 2:
+        shaped = shaped[:, None] if "c" in axes else shaped[None]
+    return shaped
+
+
+def write_image_core(plan: Plan, frame: int, block: Block, values: np.ndarray) -> None:
+    """Write the block's core (C, *core) of the image into the output's copy of the image."""
+    copy = output_array(plan, "0")
+    copy[output_index(plan, frame, block.core, slice(None))] = squeeze_like(
+        plan, values.astype(copy.dtype)
+    )
+
+
+def labels_array(plan: Plan) -> zarr.Array:
+    return output_array(plan, f"labels/{LABELS_NAME}/0")
+
+
+def write_labels_core(
+    plan: Plan, target: zarr.Array, frame: int, block: Block, labels: np.ndarray
+) -> None:
+    """Write the block's core (*core) of the labels into ``target`` (:func:`labels_array`)."""
+    target[output_index(plan, frame, block.core, slice(0, 1))] = squeeze_like(plan, labels[None])
+
+
+def write_feature_core(
+    plan: Plan, name: str, frame: int, block: Block, values: np.ndarray
+) -> None:
+    """Write the block's core (channels, *core) of the feature image ``name``."""
+    array = output_array(plan, f"{name}/0")
+    index = (frame, slice(None)) + block.core
+    array[index] = values
+
+
+def read_feature(plan: Plan, name: str, frame: int, region: Sequence[slice]) -> np.ndarray:
+    """Read (channels, *region) of ``frame`` of the feature image ``name``."""
+    array = zarr.open_array(str(Path(plan.output_path) / name / "0"), mode="r")
+    return array[(frame, slice(None)) + tuple(region)]
+
+
+# --- preparing and finishing the output --------------------------------------------------------
+
+
+def prepare_output(
+    plan: Plan,
+    image: ome_zarr.OmeImage,
+    overwrite: bool,
+    resume: bool,
+    features: Sequence[FeatureImage] = (),
+) -> zarr.Group:
+    """A new output store marked incomplete, with the empty image copy and feature images; or,
+    with ``resume``, the interrupted store of the same plan."""
+    out = Path(plan.output_path)
+    if resume:
+        status = ome_zarr.run_status(out) if out.exists() else {}
+        if status.get("status") != "incomplete":
+            what = "is complete" if status.get("status") == "complete" else "has no interrupted run"
+            raise UserInputError(f"--resume: {out} {what}", "drop --resume (and pass --overwrite)")
+        if status.get("plan") != json.loads(json.dumps(plan.to_json())):
+            raise UserInputError(
+                f"--resume: the settings differ from those of the interrupted run in {out}",
+                "rerun with the same input, model and options, or start again with --overwrite",
+            )
+        return ome_zarr.open_group_for_update(out)
+    ome_zarr.check_output_path(out, overwrite, inputs=[image.path])
+    if out.exists():
+        ome_zarr.remove_store(out)
+    root = ome_zarr.create_group(out)
+    ome_zarr.mark_status(root, "incomplete", command="predict", plan=plan.to_json())
+    spatial_chunks = tuple(plan.block_size)
+    chunks = _chunks(plan, image.axes, image.data.shape)
+    ome_zarr.create_level0(root, image.data.shape, chunks, image.data.dtype)
+    for feature in features:
+        group = root.create_group(feature.name)
+        ome_zarr.create_level0(
+            group,
+            (plan.frames, feature.channels, *plan.spatial_shape),
+            (1, feature.channels, *spatial_chunks),
+            np.float32,
+        )
+    return root
+
+
+def _chunks(plan: Plan, axes: str, shape: Sequence[int]) -> tuple[int, ...]:
+    spatial = dict(zip("zyx"[-plan.spatial_dims :], plan.block_size, strict=True))
+    chunks = []
+    for axis, size in zip(axes, shape, strict=True):
+        if axis == "t":
+            chunks.append(1)
+        elif axis == "c":
+            chunks.append(size)
+        else:
+            chunks.append(min(size, spatial.get(axis, 1)))
+    return tuple(chunks)
+
+
+def prepare_labels(
+    plan: Plan, image: ome_zarr.OmeImage, root: zarr.Group, objects: int
+) -> bool:
+    """Create the label array, in the dtype the object count needs, unless a resumed run
+    already has it; True if it was created (the label blocks recorded before are then void)."""
+    dtype = ome_zarr.label_dtype(objects)
+    labels_path = Path(plan.output_path) / "labels" / LABELS_NAME / "0"
+    if labels_path.exists() and zarr.open_array(str(labels_path), mode="r").dtype == dtype:
+        return False
+    _, label_shape = ome_zarr.label_axes_shape(image)
+    ome_zarr.create_labels(
+        root, LABELS_NAME, label_shape, _chunks(plan, image.axes, label_shape), dtype
+    )
+    return True
+
+
+def finish_output(
+    plan: Plan,
+    image: ome_zarr.OmeImage,
+    root: zarr.Group,
+    features: Sequence[FeatureImage],
+    **details: object,
+) -> None:
+    """Pyramids and NGFF metadata, feature images kept or removed, then mark the store complete
+    with ``details`` (the last write of a run)."""
+    ome_zarr.finish_multiscale(root, image.axes, image.scale, Path(plan.input_path).stem)
+    label_axes, _ = ome_zarr.label_axes_shape(image)
+    ome_zarr.finish_labels(root, LABELS_NAME, label_axes, image.scale)
+    for feature in features:
+        if feature.keep:
+            spatial_scale = image.canonical_scale[-plan.spatial_dims :]
+            axes = "tc" + "zyx"[-plan.spatial_dims :]
+            ome_zarr.finish_multiscale(
+                root[feature.name],
+                axes,
+                (image.canonical_scale[0], 1.0, *spatial_scale),
+                feature.name,
+                levels=1,
+            )
+        else:
+            ome_zarr.remove_store(Path(plan.output_path) / feature.name)
+    ome_zarr.remove_store(Path(plan.output_path) / WORK_DIR)
+    ome_zarr.mark_status(root, "complete", **details)

@@ -1,0 +1,1 @@
+"""Scoring instance labels against ground truth."""

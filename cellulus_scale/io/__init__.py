@@ -1,0 +1,1 @@
+"""OME-Zarr input and output."""

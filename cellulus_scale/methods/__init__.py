@@ -1,0 +1,1 @@
+"""Segmentation methods as plug-ins of the blockwise engine; none imports another."""

@@ -1,0 +1,131 @@
+"""What every method shares: the plug-in interface (:class:`Method`), the settings the plan
+carries for it, the statistics it reports, and the per-worker model and read window of the
+methods that run a network.
+
+A method is a module that declares its stages and runs them on a
+:class:`~cellulus_scale.blockwise.engine.Session`; it imports no other method.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from cellulus_scale.blockwise.blocks import Block
+from cellulus_scale.blockwise.engine import Session
+from cellulus_scale.blockwise.plan import Plan
+from cellulus_scale.blockwise.store import FeatureImage
+from cellulus_scale.blockwise.worker import cached, host_threads
+from cellulus_scale.config import SegmentationConfig
+from cellulus_scale.kernels.noise import reflect_indices
+from cellulus_scale.model.checkpoint import Checkpoint, load_checkpoint
+from cellulus_scale.model.device import worker_device
+from cellulus_scale.model.unet import smallest_valid_size_at_least
+
+EMBEDDINGS_NAME = "embeddings"
+
+#: The keys of a plan's record in the order of the first release, so that the output's
+#: metadata stays the same.
+_RECORD_ORDER = (
+    "input_path",
+    "input_axes",
+    "output_path",
+    "model_path",
+    "segmentation",
+    "block_size",
+    "frames",
+    "channels",
+    "spatial_shape",
+    "network_context",
+    "device",
+    "method",
+)
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """The segmentation settings and the model of a run, as the plan carries them."""
+
+    segmentation: SegmentationConfig
+    model_path: str = ""  # resolved; "" without a model
+    network_context: int = 0  # pixels the network loses per side; 0 without a model
+
+    def record(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """The plan's record: its ``fields`` and these settings."""
+        values = {
+            **fields,
+            "model_path": self.model_path,
+            "segmentation": asdict(self.segmentation),
+            "network_context": self.network_context,
+        }
+        ordered = {key: values.pop(key) for key in _RECORD_ORDER if key in values}
+        return {**ordered, **values}
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """Whole-video statistics, computed once before any clustering."""
+
+    threshold: float
+    mean_offset: tuple[float, ...]
+    frames_with_signal: tuple[bool, ...]
+    foreground_fraction: float
+
+
+@dataclass(frozen=True)
+class MethodResult:
+    """What a method's stages found."""
+
+    objects: int
+    statistics: Statistics
+
+
+@dataclass(frozen=True)
+class Method:
+    """A segmentation method as a plug-in of the blockwise engine."""
+
+    name: str  # recorded in the plan
+    #: the stages on a session; the checkpoint of the model (None without one)
+    run: Callable[[Session, Checkpoint | None], MethodResult]
+    #: the feature images it writes; the argument: whether to keep its embeddings
+    features: Callable[[Plan, bool], Sequence[FeatureImage]]
+    network: bool  # runs a network: a local cluster gets GPU workers
+
+
+def embeddings_image(plan: Plan, keep: bool) -> FeatureImage:
+    """The OCE offsets and their std, (t, dims + 1, *spatial)."""
+    return FeatureImage(EMBEDDINGS_NAME, plan.spatial_dims + 1, keep)
+
+
+def load_model(plan: Plan) -> tuple[Any, Checkpoint, Any]:
+    """(model, checkpoint, device) of the plan's model, loaded once per worker process (again
+    only if the file changes), torch's threads set to the worker's share of its host."""
+    import torch
+
+    model_path = plan.settings.model_path
+
+    def make() -> tuple[Any, Checkpoint, Any]:
+        threads = host_threads(plan)
+        if threads:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // threads))
+        device = worker_device(plan.device)
+        checkpoint = load_checkpoint(model_path)
+        return checkpoint.build_model(device), checkpoint, device
+
+    stamp = os.stat(model_path).st_mtime_ns
+    return cached(("model", model_path, stamp, plan.device), make)
+
+
+def network_window(plan: Plan, block: Block, halo: int, depth: int) -> list[np.ndarray]:
+    """Global indices, per axis, of the network's input for ``block``: from ``halo`` before the
+    block to the smallest size the depth-``depth`` network takes that covers ``halo`` after it,
+    reflected at the frame border."""
+    indices = []
+    for start, size, length in zip(block.start, block.shape, plan.spatial_shape, strict=True):
+        read = smallest_valid_size_at_least(size + 2 * halo, depth)
+        indices.append(reflect_indices(start - halo, start - halo + read, length))
+    return indices

@@ -1,0 +1,189 @@
+"""Cellulus: segmentation by object-centric embeddings (OCEs) of a self-supervised model
+(checkpoint kind "oce").
+
+Stages, each a set of independent block tasks whose results the engine records, so that
+``--resume`` redoes only what is missing:
+
+1. ``oce``: OCE offsets and their std for each block, read with a halo equal to the network's
+   context (reflect padding at the frame border), test-time noise a function of the global
+   pixel position; writes the embeddings and a copy of the image, returns a histogram of the
+   std with per-bin offset sums.
+2. statistics, once per video: Otsu threshold of the std and the mean foreground offset.
+3. ``centres``: mean-shift on the centred foreground embeddings of the block grown by one
+   diameter; the block keeps the centres that fall in its core (centre ownership).
+4. ``labels``: every pixel of the grown block takes the ID of its nearest centre (IDs numbered
+   over the whole video), post-processing runs on the grown block, the core is written.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from cellulus_scale.blockwise.blocks import Block
+from cellulus_scale.blockwise.engine import Session, Stage
+from cellulus_scale.blockwise.plan import Plan
+from cellulus_scale.blockwise.store import (
+    FeatureImage,
+    check_finite,
+    read_feature,
+    read_region,
+    write_feature_core,
+    write_image_core,
+)
+from cellulus_scale.kernels.clustering import (
+    assign_to_centres,
+    embeddings_of,
+    find_centres,
+    fit_sample_mask,
+    postprocess,
+)
+from cellulus_scale.kernels.oce import passes_per_batch, predict_oce_block
+from cellulus_scale.methods.base import (
+    EMBEDDINGS_NAME,
+    Method,
+    MethodResult,
+    Statistics,
+    embeddings_image,
+    load_model,
+    network_window,
+)
+from cellulus_scale.methods.centres import (
+    HIST_EDGES,
+    HistogramTotals,
+    centres_and_labels,
+)
+from cellulus_scale.model.checkpoint import Checkpoint
+
+
+def oce_task(plan: Plan, frame: int, block: Block) -> dict[str, np.ndarray]:
+    """Predict OCEs of one block, write them and the image copy, return its std histogram."""
+    model, checkpoint, device = load_model(plan)
+    halo = plan.settings.network_context
+    indices = network_window(plan, block, halo, checkpoint.model_config.depth)
+    raw = read_region(plan, frame, indices)
+    check_finite(raw, plan, frame)
+    image = checkpoint.normalisation.apply(raw)
+    grids = [
+        i.reshape([-1 if a == axis else 1 for a in range(len(indices))])
+        for axis, i in enumerate(indices)
+    ]
+    seg = plan.settings.segmentation
+    offsets, std = predict_oce_block(
+        model,
+        image,
+        grids,
+        frame,
+        seg.tta_passes,
+        seg.noise_fraction,
+        seg.noise_values,
+        seg.seed,
+        device,
+        batch_size=passes_per_batch(seg.tta_passes, image[0].size, device.type),
+        precision=seg.precision,
+    )
+    crop = tuple(slice(0, s) for s in block.shape)
+    offsets, std = offsets[(slice(None), *crop)], std[crop]
+    core_raw = raw[(slice(None),) + tuple(slice(halo, halo + s) for s in block.shape)]
+    embeddings = np.concatenate([offsets, std[None]]).astype(np.float32)
+    write_feature_core(plan, EMBEDDINGS_NAME, frame, block, embeddings)
+    write_image_core(plan, frame, block, core_raw)
+    bins = np.clip(
+        np.searchsorted(HIST_EDGES, std.ravel(), side="right") - 1, 0, len(HIST_EDGES) - 2
+    )
+    counts = np.bincount(bins, minlength=len(HIST_EDGES) - 1)
+    sums = np.stack(
+        [np.bincount(bins, weights=o.ravel(), minlength=len(HIST_EDGES) - 1) for o in offsets]
+    )
+    occupied = np.flatnonzero(counts)  # stored sparse: a block's std spans few bins
+    return {
+        "bins": occupied,
+        "counts": counts[occupied].astype(np.int64),
+        "offset_sums": sums[:, occupied],
+        "signal": np.array(bool(core_raw.size and core_raw.max() > core_raw.min())),
+        "frame": np.array(frame),
+    }
+
+
+def _grown_embeddings(
+    plan: Plan, stats: Statistics, frame: int, block: Block
+) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray]:
+    region = block.grown(plan.settings.segmentation.clustering_halo, plan.spatial_shape)
+    values = read_feature(plan, EMBEDDINGS_NAME, frame, region)
+    origin = [r.start for r in region]
+    embeddings = embeddings_of(values[:-1], origin, np.asarray(stats.mean_offset))
+    foreground = values[-1] < stats.threshold
+    return region, embeddings, foreground
+
+
+def centres_task(
+    plan: Plan, frame: int, block: Block, stats: Statistics
+) -> dict[str, np.ndarray]:
+    """Mean-shift on the grown block; keep the centres whose owner is this block."""
+    seg = plan.settings.segmentation
+    centres = np.zeros((0, plan.spatial_dims))
+    if stats.frames_with_signal[frame]:
+        region, embeddings, foreground = _grown_embeddings(plan, stats, frame, block)
+        sample = fit_sample_mask(
+            foreground.shape, [r.start for r in region], frame, seg.seed, seg.fit_fraction
+        )
+        centres = find_centres(embeddings, foreground, sample, seg.bandwidth, seg.clustering)
+        if len(centres):
+            centres = centres[block.owns(centres, plan.spatial_shape, plan.block_size)]
+    return {"centres": centres, "frame": np.array(frame)}
+
+
+def label_block(
+    plan: Plan,
+    frame: int,
+    block: Block,
+    stats: Statistics,
+    centres: np.ndarray,
+    ids: np.ndarray,
+    dtype: np.dtype,
+    clock: dict[str, float],
+) -> np.ndarray:
+    """Assign every foreground pixel of the grown block the ID of its nearest centre,
+    post-process there; the block's core of the labels."""
+    seg = plan.settings.segmentation
+    region, embeddings, foreground = _grown_embeddings(plan, stats, frame, block)
+    reach = seg.assign_distance + seg.clustering_halo
+    low = np.array([r.start for r in region]) - reach
+    high = np.array([r.stop for r in region]) + reach
+    near = np.all((centres >= low) & (centres <= high), axis=1)
+    labels = assign_to_centres(
+        embeddings, foreground, centres[near], ids[near], seg.assign_distance, dtype
+    )
+    clock["stitching"] = time.perf_counter()
+    intensity = None
+    if seg.mode == "nucleus":
+        indices = [np.arange(r.start, r.stop) for r in region]
+        intensity = read_region(plan, frame, indices).astype(np.float32).mean(axis=0)
+    labels = postprocess(
+        labels,
+        intensity,
+        seg.mode,
+        seg.grow_distance,
+        seg.shrink_distance,
+        seg.min_size(plan.spatial_dims),
+    )
+    core_labels = labels[block.inner(region)]
+    clock["post-processing"] = time.perf_counter()
+    return core_labels
+
+
+def run(session: Session, checkpoint: Checkpoint | None) -> MethodResult:
+    """OCEs on the GPU workers (if any), then statistics, centres and labels."""
+    totals = HistogramTotals(session.plan)
+    with session.timed("network"):
+        session.run(Stage("oce", oce_task, label="OCEs", gpu=True), collect=totals.add)
+    return centres_and_labels(session, totals, centres_task, label_block)
+
+
+def features(plan: Plan, save_embeddings: bool) -> Sequence[FeatureImage]:
+    return (embeddings_image(plan, keep=save_embeddings),)
+
+
+METHOD = Method("cellulus", run, features, network=True)

@@ -1,0 +1,1 @@
+"""The network: the valid U-Net, its losses, checkpoints and the device it runs on."""

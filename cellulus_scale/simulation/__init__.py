@@ -1,0 +1,1 @@
+"""Simulated nuclei time-lapses with ground truth."""

@@ -1,0 +1,1 @@
+"""Training: random crops, the shared loop, and one module per model (OCE, StarDist)."""

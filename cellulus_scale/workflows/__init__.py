@@ -1,0 +1,1 @@
+"""The public workflows that tie the layers together: predict and the demo."""
