@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,10 @@ import click
 from cellulus_scale import __version__
 from cellulus_scale.config import PRECISIONS, SegmentationConfig, default_of
 from cellulus_scale.errors import UserInputError
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -46,7 +51,11 @@ def user_errors(function: Callable[..., Any]) -> Callable[..., Any]:
 TRAINING_OPTIONS = [
     click.option("--epochs", type=int, default=None, help="Override the preset's epoch count."),
     click.option(
-        "--max-minutes", type=float, default=None, help="Stop cleanly (and save) after this."
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="Time budget: the first steps set the pace, then the whole schedule is fitted into"
+        " it (Ctrl-C also stops cleanly and saves, for --resume).",
     ),
     click.option(
         "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
@@ -91,6 +100,22 @@ def _report_training(result: Any) -> None:
     )
 
 
+class OptionalFloat(click.ParamType):
+    """A number, or 'off' (None)."""
+
+    name = "number|off"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float | None:
+        if value is None or isinstance(value, float):
+            return value
+        if str(value).lower() in ("off", "none"):
+            return None
+        try:
+            return float(value)
+        except ValueError:
+            self.fail(f"'{value}' is neither a number nor 'off'", param, ctx)
+
+
 def _shape(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(","))
@@ -106,6 +131,7 @@ class OneLineErrors(click.Group):
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
+        signal.signal(signal.SIGTERM, _interrupt)  # a batch system's stop: as Ctrl-C
         try:
             return super().main(*args, **kwargs)
         except click.exceptions.Exit as done:
@@ -198,10 +224,11 @@ def simulate(
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option(
     "--preset",
-    type=click.Choice(["paper", "cpu"]),
-    default="paper",
+    type=click.Choice(["auto", "paper", "cpu"]),
+    default="auto",
     show_default=True,
-    help="paper: the paper's settings; cpu: small model that learns in minutes on a CPU.",
+    help="paper: the paper's settings; cpu: a smaller model that learns in minutes on a CPU;"
+    " auto: paper where a GPU trains, cpu elsewhere.",
 )
 @training_options
 @click.option(
@@ -238,10 +265,11 @@ def train(image: Path, model: Path, **options: Any) -> None:
 )
 @click.option(
     "--preset",
-    type=click.Choice(["paper", "cpu"]),
-    default="paper",
+    type=click.Choice(["auto", "paper", "cpu"]),
+    default="auto",
     show_default=True,
-    help="paper: Appendix B (depth 3, 64 maps, Adam 1e-5, 200 epochs); cpu: small and fast.",
+    help="paper: Appendix B (depth 3, 64 maps, Adam 1e-5, 200 epochs); cpu: small and fast;"
+    " auto: paper where a GPU trains, cpu elsewhere.",
 )
 @training_options
 @click.option("--n-rays", type=int, default=None, help="Radial directions (32 in 2D, 96 in 3D).")
@@ -294,6 +322,14 @@ def train_supervised(image: Path, model: Path, **options: Any) -> None:
     help="Post-processing.",
 )
 @click.option("--threshold", type=float, default=None, help="Foreground std threshold (Otsu).")
+@click.option(
+    "--min-contrast",
+    type=OptionalFloat(),
+    default=default_of(SegmentationConfig, "min_contrast"),
+    show_default=True,
+    help="Keep objects whose mean intensity stands this many standard deviations above their"
+    " surroundings; 'off' keeps every object.",
+)
 @click.option(
     "--clustering",
     type=click.Choice(["meanshift", "sklearn"]),

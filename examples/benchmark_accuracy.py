@@ -1,107 +1,217 @@
-"""Accuracy benchmark on two simulated videos shaped like the paper's SIMULATED set.
+"""Accuracy benchmark: real annotated images first, then simulated videos.
 
-Video 01-like: plain nuclei. Video 02-like: nuclei with bright granules (over-segments
-classical methods). For each: train Cellulus (cpu preset by default) for a time budget,
-predict blockwise, and run the watershed baseline through the same machinery; then train the
-supervised refinement (seed, Appendix B: a depth-3 StarDist model) on Cellulus' own labels for
-the same budget and predict with it ("refined"); print F1 at IoU 0.5, SEG and AP for all three,
-the training time and the wall times.
+Real rows (``--real STORE``, an OME-Zarr image with ``labels/ground_truth``, e.g. the 50 fields
+of ``../shared/data/bbbc039-dev.zarr``): Cellulus with the default commands (``train``, then
+``predict --diameter D``), Cellulus with other settings (``--variant``, e.g. more test-time
+passes), and the watershed baseline, all scored on every object (border objects included).
+``--epochs-list`` adds accuracy against training length. Simulated rows (``--simulated``): the
+paper's two SIMULATED-like videos and the failure cases of real fields (sparse, textured
+background, debris, dim nuclei), each trained on itself.
 
-Example:
-    python examples/benchmark_accuracy.py --frames 8 --shape 384,384 --minutes 3
+Every row prints F1 at IoU 0.5, SEG, AP 0.5:0.95, the foreground pixel IoU against the truth's,
+the objects found on true background (speckles), the training steps and seconds, and the
+prediction seconds.
+
+Examples:
+    python examples/benchmark_accuracy.py --real ../shared/data/bbbc039-dev.zarr --diameter 28
+    python examples/benchmark_accuracy.py --simulated --frames 4 --shape 384,384
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from cellulus_scale.config import SegmentationConfig, default_of
+import numpy as np
+import zarr
+
 from cellulus_scale.evaluation.evaluate import evaluate
+from cellulus_scale.evaluation.metrics import overlap_table
+from cellulus_scale.io import ome_zarr
 from cellulus_scale.simulation.simulate import SimulationSpec
 from cellulus_scale.simulation.store import write_simulation
 from cellulus_scale.training.oce import train
-from cellulus_scale.training.stardist import train_supervised
 from cellulus_scale.workflows.predict import predict
+
+#: name -> simulator settings; the first two stand in for the paper's SIMULATED videos 01 and 02
+SIMULATED = {
+    "01-like": {},
+    "02-like (granules)": {"granules": True},
+    "sparse": {"density": 0.08},
+    "textured background": {"texture": 0.4},
+    "debris": {"debris": 0.6},
+    "dim nuclei": {"dim_fraction": 0.4, "density": 0.2},
+}
+
+
+@dataclass
+class Row:
+    data: str
+    method: str
+    f1: float
+    seg: float
+    ap: float
+    foreground_iou: float
+    background_objects: int
+    objects: int
+    steps: str
+    train_s: str
+    predict_s: float
+
+    def line(self) -> str:
+        return (
+            f"| {self.data} | {self.method} | {self.f1:.3f} | {self.seg:.3f} | {self.ap:.3f} |"
+            f" {self.foreground_iou:.3f} | {self.background_objects} | {self.objects} |"
+            f" {self.steps} | {self.train_s} | {self.predict_s:.0f} |"
+        )
+
+
+HEADER = (
+    "| data | method | F1 | SEG | AP | foreground IoU | objects on background | objects |"
+    " training steps | training s | predict s |\n| --- | --- | --- | --- | --- | --- | --- |"
+    " --- | --- | --- | --- |"
+)
+
+
+def pixel_scores(output: Path, truth: Path) -> tuple[float, int]:
+    """Foreground pixel IoU of the labels against the truth's, and the predicted objects lying
+    (at least 90%) on true background."""
+    pred = zarr.open_array(str(output / "labels" / "cellulus" / "0"), mode="r")
+    true = zarr.open_array(str(truth / "labels" / "ground_truth" / "0"), mode="r")
+    inter = union = stray = 0
+    for t in range(true.shape[0]):
+        table = overlap_table(np.squeeze(true[t]), np.squeeze(pred[t]))
+        shared = int(table.intersections.sum())
+        inter += shared
+        union += int(table.true_areas.sum() + table.pred_areas.sum()) - shared
+        covered = np.bincount(table.cols, weights=table.intersections, minlength=table.n_pred)
+        stray += int(np.sum(covered < 0.1 * table.pred_areas))
+    return inter / max(union, 1), stray
+
+
+def score(data: str, method: str, output: Path, truth: Path, trained, predict_s: float) -> Row:
+    overall = evaluate(output, truth).overall
+    iou, stray = pixel_scores(output, truth)
+    steps, seconds = trained if trained else ("-", "-")
+    return Row(
+        data,
+        method,
+        overall.f1,
+        overall.seg,
+        overall.ap,
+        iou,
+        stray,
+        overall.n_pred,
+        str(steps),
+        seconds if isinstance(seconds, str) else f"{seconds:.0f}",
+        predict_s,
+    )
+
+
+def timed_predict(video: Path, output: Path, model: Path | None, diameter: float, **options):
+    start = time.perf_counter()
+    predict(video, output, model, diameter=diameter, progress=False, overwrite=True, **options)
+    return time.perf_counter() - start
+
+
+def parse_variant(text: str) -> dict:
+    """'tta=32,mode=cell' -> {'tta': 32, 'mode': 'cell'}."""
+    options = {}
+    for item in filter(None, text.split(",")):
+        key, value = item.split("=")
+        for kind in (int, float):
+            try:
+                value = kind(value)
+                break
+            except ValueError:
+                pass
+        options[key.replace("-", "_")] = None if value == "off" else value
+    return options
+
+
+def real_rows(args: argparse.Namespace, folder: Path) -> None:
+    video = Path(args.real).resolve()
+    name = video.stem
+    frames = ome_zarr.open_image(video).canonical_shape[0]
+    print(f"\n{name}: {frames} fields, diameter {args.diameter:g}, preset {args.preset}\n")
+    print(HEADER)
+    model = folder / "model.pt"
+    start = time.perf_counter()
+    trained = train(video, model, preset=args.preset, seed=args.seed, progress=False)
+    trained_by = (trained.steps, time.perf_counter() - start)
+    out = folder / "default.zarr"
+    seconds = timed_predict(video, out, model, args.diameter, seed=args.seed)
+    print(score(name, "Cellulus, default", out, video, trained_by, seconds).line(), flush=True)
+    for variant in args.variant:
+        out = folder / "variant.zarr"
+        options = parse_variant(variant)
+        seconds = timed_predict(video, out, model, args.diameter, seed=args.seed, **options)
+        row = score(name, f"Cellulus, {variant}", out, video, trained_by, seconds)
+        print(row.line(), flush=True)
+        shutil.rmtree(out)
+    out = folder / "watershed.zarr"
+    seconds = timed_predict(video, out, None, args.diameter, method="watershed")
+    print(score(name, "watershed", out, video, None, seconds).line(), flush=True)
+    for epochs in args.epochs_list:
+        model = folder / f"model-{epochs}.pt"
+        start = time.perf_counter()
+        trained = train(video, model, preset=args.preset, epochs=epochs, progress=False)
+        trained_by = (trained.steps, time.perf_counter() - start)
+        out = folder / f"epochs-{epochs}.zarr"
+        seconds = timed_predict(video, out, model, args.diameter, seed=args.seed)
+        row = score(name, f"Cellulus, {epochs} epochs", out, video, trained_by, seconds)
+        print(row.line(), flush=True)
+        shutil.rmtree(out)
+
+
+def simulated_rows(args: argparse.Namespace, folder: Path) -> None:
+    shape = tuple(int(v) for v in args.shape.split(","))
+    print(f"\nsimulated: {args.frames} frames of {args.shape}, diameter 24, preset {args.preset}\n")
+    print(HEADER)
+    for name, settings in SIMULATED.items():
+        spec = SimulationSpec(frames=args.frames, shape=shape, seed=args.seed + 11, **settings)
+        video = write_simulation(folder / f"{name}.zarr", spec)
+        model = folder / f"{name}.pt"
+        start = time.perf_counter()
+        trained = train(video, model, preset=args.preset, seed=args.seed, progress=False)
+        trained_by = (trained.steps, time.perf_counter() - start)
+        out = folder / f"{name}-cellulus.zarr"
+        seconds = timed_predict(video, out, model, 24, seed=args.seed)
+        print(score(name, "Cellulus", out, video, trained_by, seconds).line(), flush=True)
+        out = folder / f"{name}-watershed.zarr"
+        seconds = timed_predict(video, out, None, 24, method="watershed")
+        print(score(name, "watershed", out, video, None, seconds).line(), flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=int, default=8)
-    parser.add_argument("--shape", default="256,256")
-    parser.add_argument("--minutes", type=float, default=2.0, help="training budget per video")
-    parser.add_argument("--preset", default="cpu")
-    parser.add_argument("--tta", type=int, default=default_of(SegmentationConfig, "tta_passes"))
-    parser.add_argument("--epochs", type=int, default=None, help="Cellulus epochs (preset's)")
-    parser.add_argument("--mode", default="nucleus", choices=["cell", "nucleus", "none"])
+    parser.add_argument("--real", default=None, help="an OME-Zarr image with ground truth")
+    parser.add_argument("--diameter", type=float, default=28.0, help="of the real set's nuclei")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="predict options of an extra real row, e.g. 'tta=32' or 'mode=cell,min_contrast=off'",
+    )
+    parser.add_argument(
+        "--epochs-list", type=lambda t: [int(v) for v in t.split(",")], default=[],
+        help="extra real rows trained for these epochs, e.g. 2,5,20",
+    )
+    parser.add_argument("--simulated", action="store_true", help="the simulated rows")
+    parser.add_argument("--frames", type=int, default=4)
+    parser.add_argument("--shape", default="384,384")
+    parser.add_argument("--preset", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    shape = tuple(int(v) for v in args.shape.split(","))
-    print(
-        f"# {args.frames} frames of {shape}, preset {args.preset},"
-        f" epochs {args.epochs or 'preset'}, budget {args.minutes:g} min,"
-        f" tta {args.tta}, mode {args.mode}"
-    )
-    print("video        method     F1     SEG    AP     train-s  predict-s")
     with tempfile.TemporaryDirectory() as folder:
-        folder = Path(folder)
-        for name, granules in (("01-like", False), ("02-like", True)):
-            video = write_simulation(
-                folder / f"{name}.zarr",
-                SimulationSpec(
-                    frames=args.frames, shape=shape, granules=granules, seed=args.seed + 11
-                ),
-            )
-            model = folder / f"{name}.pt"
-            start = time.perf_counter()
-            train(
-                video,
-                model,
-                preset=args.preset,
-                epochs=args.epochs,
-                max_minutes=args.minutes,
-                progress=False,
-                seed=args.seed,
-            )
-            trained = {"cellulus": time.perf_counter() - start}
-            for method in ("cellulus", "watershed", "refined"):
-                out = folder / f"{name}-{method}.zarr"
-                chosen = model if method == "cellulus" else None
-                if method == "refined":  # StarDist on Cellulus' own labels, same budget
-                    chosen = folder / f"{name}-refined.pt"
-                    start = time.perf_counter()
-                    train_supervised(
-                        folder / f"{name}-cellulus.zarr",
-                        chosen,
-                        labels="cellulus",
-                        preset=args.preset,
-                        max_minutes=args.minutes,
-                        progress=False,
-                        seed=args.seed,
-                    )
-                    trained[method] = time.perf_counter() - start
-                start = time.perf_counter()
-                predict(
-                    video,
-                    out,
-                    chosen,
-                    diameter=24,
-                    method="watershed" if method == "watershed" else "cellulus",
-                    tta=args.tta,
-                    mode=args.mode,
-                    progress=False,
-                    seed=args.seed,
-                )
-                seconds = time.perf_counter() - start
-                scores = evaluate(out, video).overall
-                train_s = f"{trained[method]:7.0f}" if method in trained else "      -"
-                print(
-                    f"{name:11s}  {method:9s}  {scores.f1:.3f}  {scores.seg:.3f}  "
-                    f"{scores.ap:.3f}  {train_s}  {seconds:9.1f}",
-                    flush=True,
-                )
+        if args.real:
+            real_rows(args, Path(folder))
+        if args.simulated:
+            simulated_rows(args, Path(folder))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from cellulus_scale.model.checkpoint import Checkpoint, load_checkpoint, save_ch
 from cellulus_scale.model.unet import UNet, context, smallest_valid_size_at_least
 from cellulus_scale.simulation.simulate import SimulationSpec
 from cellulus_scale.simulation.store import write_simulation
+from cellulus_scale.training import loop
 from cellulus_scale.training.crops import LabelledCrops
 from cellulus_scale.training.stardist import train_supervised
 from cellulus_scale.workflows.predict import predict
@@ -212,7 +213,7 @@ def test_training_writes_a_stardist_checkpoint_log_and_plot(model: Path) -> None
     assert checkpoint.model_config.depth == 3
     assert checkpoint.model_config.outputs == 1 + 32
     assert checkpoint.train_config["labels"] == "ground_truth"
-    assert checkpoint.train_config["lr_milestones"] == [6, 8]
+    assert checkpoint.train_config["lr_drops"] == [0.6, 0.8]
     with model.with_suffix(".loss.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [int(r["step"]) for r in rows] == list(range(1, 81))
@@ -223,12 +224,25 @@ def test_training_writes_a_stardist_checkpoint_log_and_plot(model: Path) -> None
     assert model.with_suffix(".loss.png").stat().st_size > 0
 
 
-def test_resume_after_an_epoch_stop_is_exact(simulated_store: Path, tmp_path: Path) -> None:
+def test_resume_after_an_interrupt_is_exact(
+    simulated_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     full, split = tmp_path / "full.pt", tmp_path / "split.pt"
     train_supervised(simulated_store, full, labels="ground_truth", epochs=2, **TINY)
-    first = train_supervised(simulated_store, split, labels="ground_truth", epochs=1, **TINY)
-    assert first.steps == 6  # 4 frames of 128x128 in 108x108 crops: 6 crops an epoch
-    resumed = train_supervised(simulated_store, split, epochs=2, resume=True, progress=False)
+    calls = iter(range(10**6))
+    to_device = loop._to_device
+
+    def interrupted(batch, device):  # Ctrl-C when step 7 is about to run
+        if isinstance(batch, list | tuple) and next(calls) == 6:  # a step's whole batch
+            raise KeyboardInterrupt
+        return to_device(batch, device)
+
+    monkeypatch.setattr(loop, "_to_device", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_supervised(simulated_store, split, labels="ground_truth", epochs=2, **TINY)
+    monkeypatch.undo()
+    assert load_checkpoint(split).training_state["step"] == 6  # 6 crops of 108x108 an epoch
+    resumed = train_supervised(simulated_store, split, resume=True, progress=False)
     assert resumed.steps == 12
     a, b = load_checkpoint(full).state_dict, load_checkpoint(split).state_dict
     assert all(torch.equal(a[k], b[k]) for k in a)

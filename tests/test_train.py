@@ -27,7 +27,8 @@ from cellulus_scale.simulation.store import write_simulation
 from cellulus_scale.training import loop as train_module
 from cellulus_scale.training.oce import train
 
-# 10 steps per epoch on the shared 4 x 128 x 128 store; the learning rate drops after epochs 1, 2.
+# 10 steps per epoch on the shared 4 x 128 x 128 store; the learning rate drops after a third
+# and two thirds of the run (epochs 1 and 2 of 3).
 TINY = {
     "preset": "cpu",
     "feature_maps": 4,
@@ -35,7 +36,7 @@ TINY = {
     "batch_size": 2,
     "min_crops_per_epoch": 8,
     "num_workers": 0,
-    "lr_milestones": (1, 2),
+    "lr_drops": (1 / 3, 2 / 3),
     "progress": False,
 }
 
@@ -79,7 +80,7 @@ def test_training_writes_a_checkpoint_log_and_plot(full_run: Path) -> None:
     checkpoint = load_checkpoint(full_run, kind="oce")
     assert checkpoint.model_config == ModelConfig(feature_maps=4)
     assert checkpoint.train_config["crop_size"] == 60
-    assert checkpoint.train_config["lr_milestones"] == [1, 2]
+    assert checkpoint.train_config["lr_drops"] == [1 / 3, 2 / 3]
     assert checkpoint.training_state["step"] == 30
     assert checkpoint.normalisation.high > checkpoint.normalisation.low
     assert checkpoint.data_axes == "tyx"
@@ -90,13 +91,31 @@ def test_training_writes_a_checkpoint_log_and_plot(full_run: Path) -> None:
     assert full_run.with_suffix(".loss.png").stat().st_size > 0
 
 
-def test_resume_after_an_epoch_stop_is_exact(
-    simulated_store: Path, full_run: Path, tmp_path: Path
+def interrupt_after(monkeypatch: pytest.MonkeyPatch, steps: int) -> None:
+    """Make the training loop meet a KeyboardInterrupt (Ctrl-C, or SIGTERM through the CLI)
+    when it is about to run step ``steps + 1``."""
+    calls = iter(range(10**6))
+    to_device = train_module._to_device
+
+    def interrupted(batch, device):
+        if next(calls) == steps:
+            raise KeyboardInterrupt
+        return to_device(batch, device)
+
+    monkeypatch.setattr(train_module, "_to_device", interrupted)
+
+
+@pytest.mark.parametrize("stop", [10, 15], ids=["at-an-epoch-end", "inside-an-epoch"])
+def test_resume_after_an_interrupt_is_exact(
+    simulated_store: Path, full_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop
 ) -> None:
     model = tmp_path / "model.pt"
-    first = train(simulated_store, model, epochs=1, **TINY)
-    assert first.steps == 10
-    resumed = train(simulated_store, model, epochs=3, resume=True, progress=False, num_workers=0)
+    interrupt_after(monkeypatch, stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(simulated_store, model, epochs=3, **TINY)
+    assert load_checkpoint(model).training_state["step"] == stop
+    monkeypatch.undo()
+    resumed = train(simulated_store, model, resume=True, progress=False, num_workers=0)
     assert resumed.steps == 30
     assert resumed.final_loss == pytest.approx(
         load_checkpoint(full_run).training_state["loss"], abs=0
@@ -105,23 +124,33 @@ def test_resume_after_an_epoch_stop_is_exact(
     assert logged_losses(model) == logged_losses(full_run)
 
 
-def test_resume_after_a_time_limit_stop_is_exact(
-    simulated_store: Path, full_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_time_budget_fits_the_whole_schedule_and_resumes_it(
+    simulated_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = iter(range(10**6))  # a fake clock: every reading is one second later
-    monkeypatch.setattr(
-        train_module, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock)))
-    )
+    fake = types.SimpleNamespace(perf_counter=lambda: float(next(clock)))
+    monkeypatch.setattr(train_module, "time", fake)
+    to_device = train_module._to_device
     model = tmp_path / "model.pt"
-    stopped = train(simulated_store, model, epochs=3, max_minutes=1.0, **TINY)
-    assert stopped.stopped_early and 0 < stopped.steps < 30
-    assert stopped.steps % 10, "the stop should fall inside an epoch"
-    assert load_checkpoint(model).training_state["step"] == stopped.steps
+    late = {**TINY, "lr_drops": (0.6, 0.8)}  # drops after the pace is known
+    budget = train(simulated_store, model, epochs=3, max_minutes=1.5, **late)
+    # the first steps set the pace; the run is planned to end within 90 s, schedule and all
+    assert 10 < budget.steps == budget.total_steps < 30 and not budget.stopped_early
+    rates = [float(r["lr"]) for r in csv.DictReader(model.with_suffix(".loss.csv").open())]
+    first_drop = next(i for i, r in enumerate(rates) if r < 1e-3)
+    second_drop = next(i for i, r in enumerate(rates) if r < 1e-4)
+    assert first_drop == round(0.6 * budget.steps) and second_drop == round(0.8 * budget.steps)
+    # a budget run interrupted and resumed continues its own plan exactly
+    interrupted = tmp_path / "interrupted.pt"
+    clock = iter(range(10**6))
+    interrupt_after(monkeypatch, 12)
+    with pytest.raises(KeyboardInterrupt):
+        train(simulated_store, interrupted, epochs=3, max_minutes=1.5, **late)
     monkeypatch.setattr(train_module, "time", time)
-    resumed = train(simulated_store, model, resume=True, progress=False)
-    assert resumed.steps == 30 and not resumed.stopped_early
-    assert_same_weights(model, full_run)
-    assert logged_losses(model) == logged_losses(full_run)
+    monkeypatch.setattr(train_module, "_to_device", to_device)
+    resumed = train(simulated_store, interrupted, resume=True, progress=False, num_workers=0)
+    assert resumed.steps == budget.steps
+    assert_same_weights(interrupted, model)
 
 
 def test_loader_workers_do_not_change_the_crops(simulated_store: Path, tmp_path: Path) -> None:

@@ -188,6 +188,52 @@ def relabel_sequential_ids(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return inverse.reshape(labels.shape).astype(np.int64), ids
 
 
+def keep_largest_components(labels: np.ndarray) -> np.ndarray:
+    """Keep, of every object, its largest connected part (a nucleus is one piece; the rest are
+    stray pixels that point at its centre). Labels must be 1..n (see
+    :func:`relabel_sequential_ids`)."""
+    result = np.zeros_like(labels)
+    for index, region in enumerate(ndimage.find_objects(labels), start=1):
+        if region is None:
+            continue
+        mask = labels[region] == index
+        parts, count = ndimage.label(mask)
+        if count > 1:
+            sizes = np.bincount(parts.ravel())
+            sizes[0] = 0
+            mask = parts == sizes.argmax()
+        result[region][mask] = index
+    return result
+
+
+def object_contrast(
+    labels: np.ndarray, intensity: np.ndarray, ring: int, count: int | None = None
+) -> np.ndarray:
+    """How far each object stands out from its surroundings: (mean intensity inside - mean of the
+    ring of ``ring`` pixels around it that no object covers) / the ring's std, for labels 1..n
+    (``count`` of them, default the largest label). An object without such a ring (surrounded
+    by objects) or not present gets +inf."""
+    contrast = np.full(int(labels.max()) if count is None else count, np.inf)
+    covered = labels > 0
+    structure = ndimage.generate_binary_structure(labels.ndim, 1)
+    for index, region in enumerate(ndimage.find_objects(labels), start=1):
+        if region is None:
+            continue
+        grown = tuple(
+            slice(max(0, r.start - ring - 1), min(size, r.stop + ring + 1))
+            for r, size in zip(region, labels.shape, strict=True)
+        )
+        mask = labels[grown] == index
+        around = ndimage.binary_dilation(mask, structure, iterations=ring) & ~covered[grown]
+        if around.sum() < 2:
+            continue
+        outside = intensity[grown][around]
+        spread = float(outside.std())
+        difference = float(intensity[grown][mask].mean() - outside.mean())
+        contrast[index - 1] = difference / spread if spread > 0 else np.sign(difference) * np.inf
+    return contrast
+
+
 def postprocess(
     labels: np.ndarray,
     intensity: np.ndarray | None,
@@ -195,8 +241,13 @@ def postprocess(
     grow: float,
     shrink: float,
     min_size: float,
+    ring: int = 0,
+    min_contrast: float | None = None,
 ) -> np.ndarray:
-    """Post-process instance labels of a region (any IDs) and drop objects under ``min_size``."""
+    """Post-process instance labels of a region (any IDs): shape by ``mode``, then keep each
+    object's largest connected part, drop objects under ``min_size`` and, with
+    ``min_contrast``, objects whose mean intensity stands less than ``min_contrast`` standard
+    deviations above their surroundings (:func:`object_contrast` with ``ring``)."""
     compact, ids = relabel_sequential_ids(labels)
     if mode == "cell":
         compact = postprocess_cell(compact, grow, shrink)
@@ -204,8 +255,17 @@ def postprocess(
         if intensity is None:
             raise ValueError("nucleus mode needs the intensity image")
         compact = postprocess_nucleus(compact, intensity)
+    if mode != "none":
+        compact = keep_largest_components(compact)
     sizes = np.bincount(compact.ravel(), minlength=len(ids))
     small = sizes < min_size
     small[0] = False
     compact[small[compact]] = 0
+    if min_contrast is not None and len(ids) > 1:
+        if intensity is None:
+            raise ValueError("the contrast rule needs the intensity image")
+        faint = np.concatenate(
+            [[False], object_contrast(compact, intensity, ring, len(ids) - 1) < min_contrast]
+        )
+        compact[faint[compact]] = 0
     return ids[compact].astype(labels.dtype)

@@ -108,9 +108,9 @@ def oce_task(plan: Plan, frame: int, block: Block) -> dict[str, np.ndarray]:
 
 
 def _grown_embeddings(
-    plan: Plan, stats: Statistics, frame: int, block: Block
+    plan: Plan, stats: Statistics, frame: int, block: Block, halo: int
 ) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray]:
-    region = block.grown(plan.settings.segmentation.clustering_halo, plan.spatial_shape)
+    region = block.grown(halo, plan.spatial_shape)
     values = read_feature(plan, EMBEDDINGS_NAME, frame, region)
     origin = [r.start for r in region]
     embeddings = embeddings_of(values[:-1], origin, np.asarray(stats.mean_offset))
@@ -125,7 +125,9 @@ def centres_task(
     seg = plan.settings.segmentation
     centres = np.zeros((0, plan.spatial_dims))
     if stats.frames_with_signal[frame]:
-        region, embeddings, foreground = _grown_embeddings(plan, stats, frame, block)
+        region, embeddings, foreground = _grown_embeddings(
+            plan, stats, frame, block, seg.clustering_halo
+        )
         sample = fit_sample_mask(
             foreground.shape, [r.start for r in region], frame, seg.seed, seg.fit_fraction
         )
@@ -148,8 +150,10 @@ def label_block(
     """Assign every foreground pixel of the grown block the ID of its nearest centre,
     post-process there; the block's core of the labels."""
     seg = plan.settings.segmentation
-    region, embeddings, foreground = _grown_embeddings(plan, stats, frame, block)
-    reach = seg.assign_distance + seg.clustering_halo
+    region, embeddings, foreground = _grown_embeddings(
+        plan, stats, frame, block, seg.labelling_halo
+    )
+    reach = seg.assign_distance + seg.labelling_halo
     low = np.array([r.start for r in region]) - reach
     high = np.array([r.stop for r in region]) + reach
     near = np.all((centres >= low) & (centres <= high), axis=1)
@@ -158,7 +162,7 @@ def label_block(
     )
     clock["stitching"] = time.perf_counter()
     intensity = None
-    if seg.mode == "nucleus":
+    if seg.mode == "nucleus" or seg.min_contrast is not None:
         indices = [np.arange(r.start, r.stop) for r in region]
         intensity = read_region(plan, frame, indices).astype(np.float32).mean(axis=0)
     labels = postprocess(
@@ -168,6 +172,8 @@ def label_block(
         seg.grow_distance,
         seg.shrink_distance,
         seg.min_size(plan.spatial_dims),
+        seg.contrast_ring,
+        seg.min_contrast,
     )
     core_labels = labels[block.inner(region)]
     clock["post-processing"] = time.perf_counter()

@@ -150,12 +150,14 @@ class RandomCrops(torch.utils.data.Dataset):
         return torch.from_numpy(augment(crop, rng, self.elastic))
 
 
-def crops_per_epoch(image: OmeImage, crop_size: int, floor: int) -> int:
-    """An epoch: enough crops to cover every pixel of the data once, and at least ``floor``."""
+def crops_per_epoch(image: OmeImage, crop_size: int, floor: int, ceiling: int | None = None) -> int:
+    """An epoch: enough crops to cover every pixel of the data once, at least ``floor`` and at
+    most ``ceiling`` (where given)."""
     frames, _, depth, height, width = image.canonical_shape
     voxels = frames * height * width * (depth if image.spatial_dims == 3 else 1)
     per_crop = crop_size**image.spatial_dims
-    return max(floor, math.ceil(voxels / per_crop))
+    crops = max(floor, math.ceil(voxels / per_crop))
+    return crops if ceiling is None else min(crops, max(ceiling, floor))
 
 
 def augment_with_labels(

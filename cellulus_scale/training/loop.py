@@ -23,7 +23,14 @@ import torch
 from tqdm.auto import tqdm
 
 from cellulus_scale.blockwise.cluster import cpu_count
-from cellulus_scale.config import PRESETS, ModelConfig, Preset, TrainConfig
+from cellulus_scale.config import (
+    AUTO_PRESET,
+    PRESETS,
+    ModelConfig,
+    Preset,
+    TrainConfig,
+    auto_preset,
+)
 from cellulus_scale.errors import UserInputError
 from cellulus_scale.io.ome_zarr import OmeImage, check_complete, open_image
 from cellulus_scale.kernels.normalisation import Normalisation
@@ -68,7 +75,7 @@ class TrainingOptions:
     """The options of a training run that every model takes (see
     :func:`~cellulus_scale.training.oce.train`)."""
 
-    preset: str = "paper"
+    preset: str = AUTO_PRESET
     axes: str | None = None
     epochs: int | None = None
     max_minutes: float | None = None
@@ -94,10 +101,24 @@ def autocast(device: torch.device) -> Any:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def learning_rate(config: TrainConfig, epoch: int) -> float:
-    """Step schedule: x ``lr_gamma`` after each milestone epoch."""
-    drops = sum(1 for milestone in config.lr_milestones if epoch >= milestone)
+def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
+    """Step schedule: x ``lr_gamma`` once each of the ``lr_drops`` fractions of the run's
+    ``total_steps`` is done."""
+    drops = sum(1 for fraction in config.lr_drops if step >= round(fraction * total_steps))
     return config.learning_rate * config.lr_gamma**drops
+
+
+#: Steps timed at the start of a run with a time budget before its length is planned.
+TIMED_STEPS = 10
+
+
+def planned_steps(total_steps: int, step: int, seconds: float, budget: float) -> int:
+    """The run's length once ``step`` steps took ``seconds``: ``total_steps``, or fewer where
+    the rest would not fit 95% of the ``budget`` (seconds) at that pace."""
+    if seconds <= 0:
+        return total_steps
+    fits = step + int((0.95 * budget - seconds) * step / seconds)
+    return max(step, min(total_steps, fits))
 
 
 def resolve_configs(
@@ -158,7 +179,7 @@ def _resumed_config(
     stored: dict[str, Any], model_path: Path, config_class: type = TrainConfig
 ) -> Any:
     values = dict(stored)
-    for key in ("lr_milestones", "normalisation_percentiles"):
+    for key in ("lr_drops", "normalisation_percentiles"):
         if key in values:
             values[key] = tuple(values[key])
     try:
@@ -276,6 +297,8 @@ def prepare_training(
         if epochs is not None:
             overrides["epochs"] = epochs
         overrides["seed"] = seed
+        if preset == AUTO_PRESET:
+            preset = auto_preset(choose_device(options.device).type)
         model_config, train_config = resolve_configs(preset, image, overrides, presets)
         check_crop(model_config, train_config, spatial_shape)
         normalisation = estimate_normalisation(
@@ -368,11 +391,15 @@ def run_training(
     optimizer = torch.optim.Adam(model.parameters(), lr=train_config.learning_rate)
     step = 0
     final_loss = math.nan
-    per_epoch = math.ceil(
-        crops_per_epoch(image, train_config.crop_size, train_config.min_crops_per_epoch)
-        / train_config.batch_size
+    crops = crops_per_epoch(
+        image,
+        train_config.crop_size,
+        train_config.min_crops_per_epoch,
+        train_config.max_crops_per_epoch,
     )
+    per_epoch = math.ceil(crops / train_config.batch_size)
     total_steps = per_epoch * train_config.epochs
+    planned = total_steps  # the schedule's length: shorter where a time budget asks for it
     if state:
         assert setup.checkpoint is not None
         stored_per_epoch = int(state.get("steps_per_epoch", per_epoch))
@@ -386,6 +413,8 @@ def run_training(
         optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
         final_loss = float(state.get("loss", math.nan))
+        if options.epochs is None:  # the same run: its planned length and schedule
+            planned = min(total_steps, int(state.get("planned_steps", total_steps)))
         if step > total_steps:
             raise UserInputError(
                 f"{model_path} has already trained {step} steps ({step / per_epoch:g} epochs),"
@@ -421,6 +450,7 @@ def run_training(
                     "optimizer": optimizer.state_dict(),
                     "step": current_step,
                     "total_steps": total_steps,
+                    "planned_steps": planned,
                     "steps_per_epoch": per_epoch,
                     "loss": final_loss,
                 },
@@ -429,7 +459,9 @@ def run_training(
         )
 
     start = time.perf_counter()
-    deadline = start + max_minutes * 60 if max_minutes is not None else math.inf
+    budget = max_minutes * 60 if max_minutes is not None else math.inf
+    deadline = start + budget
+    plan_at = step + TIMED_STEPS if max_minutes is not None and not state else None
     waited = 0.0
     stopped_early = False
     model.train()
@@ -445,16 +477,22 @@ def run_training(
     with deterministic_kernels(torch_device):
         try:
             iterator = iter(loader)
-            while step < total_steps:
+            while step < planned:
                 if time.perf_counter() >= deadline:
                     stopped_early = True
                     break
+                if step == plan_at:  # the pace is known: fit the whole schedule in the budget
+                    planned = planned_steps(total_steps, step, time.perf_counter() - start, budget)
+                    bar.total = planned
+                    bar.refresh()
+                    if step >= planned:
+                        break
                 fetch_start = time.perf_counter()
                 batch = next(iterator)
                 fetch_time = time.perf_counter() - fetch_start
                 waited += fetch_time
                 epoch = step // per_epoch
-                lr = learning_rate(train_config, epoch)
+                lr = learning_rate(train_config, step, planned)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 loss, cells = step_loss(model, _to_device(batch, torch_device), step)
@@ -482,6 +520,10 @@ def run_training(
                 bar.update()
                 if step % per_epoch == 0:
                     save(step)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep what is done, for --resume
+            log_handle.flush()
+            save(step)
+            raise
         finally:
             bar.close()
             log_handle.close()
@@ -493,7 +535,7 @@ def run_training(
     return TrainResult(
         checkpoint=model_path,
         steps=step,
-        total_steps=total_steps,
+        total_steps=planned,
         final_loss=final_loss,
         seconds=seconds,
         data_wait_fraction=waited / loop_seconds if loop_seconds > 0 and done else 0.0,

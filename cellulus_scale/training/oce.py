@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from cellulus_scale.config import PRESETS, ModelConfig, TrainConfig
+from cellulus_scale.config import AUTO_PRESET, PRESETS, ModelConfig, TrainConfig
 from cellulus_scale.errors import UserInputError
 from cellulus_scale.model.loss import oce_loss, sample_pairs
 from cellulus_scale.model.unet import check_input_size, output_size, smallest_valid_size_at_least
@@ -77,7 +77,7 @@ OCE = Recipe("oce", PRESETS, TrainConfig, _check_crop, LOG_COLUMNS, "OCE loss")
 def train(
     image_path: str | os.PathLike[str],
     model_path: str | os.PathLike[str],
-    preset: str = "paper",
+    preset: str = AUTO_PRESET,
     axes: str | None = None,
     epochs: int | None = None,
     max_minutes: float | None = None,

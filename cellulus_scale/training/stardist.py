@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from cellulus_scale.config import SUPERVISED_PRESETS, ModelConfig, SupervisedConfig
+from cellulus_scale.config import AUTO_PRESET, SUPERVISED_PRESETS, ModelConfig, SupervisedConfig
 from cellulus_scale.errors import UserInputError
 from cellulus_scale.io.ome_zarr import open_labels
 from cellulus_scale.kernels.star_convex import DEFAULT_RAYS, MIN_RAYS
@@ -87,7 +87,7 @@ def train_supervised(
     image_path: str | os.PathLike[str],
     model_path: str | os.PathLike[str],
     labels: str | None = None,
-    preset: str = "paper",
+    preset: str = AUTO_PRESET,
     axes: str | None = None,
     epochs: int | None = None,
     max_minutes: float | None = None,

@@ -1,0 +1,76 @@
+"""The per-block clustering and post-processing kernels (cellulus_scale.kernels.clustering)."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from cellulus_scale.kernels.clustering import (
+    keep_largest_components,
+    object_contrast,
+    postprocess,
+)
+
+
+def disc(shape: tuple[int, int], centre: tuple[float, float], radius: float) -> np.ndarray:
+    y, x = np.indices(shape)
+    return (y - centre[0]) ** 2 + (x - centre[1]) ** 2 <= radius**2
+
+
+def test_an_object_keeps_only_its_largest_connected_part() -> None:
+    labels = np.zeros((40, 40), dtype=np.int64)
+    labels[disc(labels.shape, (12, 12), 6)] = 1
+    labels[30:32, 30:32] = 1  # stray pixels pointing at the same centre
+    labels[disc(labels.shape, (28, 12), 5)] = 2
+    kept = keep_largest_components(labels)
+    assert kept[31, 31] == 0
+    assert np.array_equal(kept == 1, disc(labels.shape, (12, 12), 6))
+    assert np.array_equal(kept == 2, labels == 2)
+
+
+def test_contrast_is_high_for_a_nucleus_and_low_for_a_patch_of_background() -> None:
+    rng = np.random.default_rng(0)
+    intensity = rng.normal(100.0, 10.0, (80, 80))
+    nucleus = disc(intensity.shape, (20, 20), 8)
+    intensity[nucleus] += 200.0
+    labels = np.zeros(intensity.shape, dtype=np.int64)
+    labels[nucleus] = 1
+    patch = disc(intensity.shape, (60, 60), 8)
+    labels[patch] = 2
+    contrast = object_contrast(labels, intensity, ring=4)
+    assert contrast[0] > 10
+    assert abs(contrast[1]) < 1
+    # surrounded by other objects: no ring, never dropped
+    crowded = np.ones((20, 20), dtype=np.int64)
+    crowded[5:15, 5:15] = 2
+    assert np.isposinf(object_contrast(crowded, np.ones((20, 20)), ring=3)[1])
+
+
+def test_postprocess_drops_speckles_and_stray_parts_and_keeps_nuclei() -> None:
+    rng = np.random.default_rng(1)
+    shape = (96, 96)
+    intensity = ndimage.gaussian_filter(rng.normal(100.0, 20.0, shape), 1.0)
+    truth = np.zeros(shape, dtype=np.int64)
+    for index, centre in enumerate([(20, 20), (20, 60), (70, 30)], start=1):
+        mask = disc(shape, centre, 9)
+        truth[mask] = index
+        intensity[mask] += 150.0
+    # the clustering's territories: each nucleus with a margin and a stray fragment, plus a
+    # speckle object in the background
+    labels = np.zeros(shape, dtype=np.uint32)
+    for index, centre in enumerate([(20, 20), (20, 60), (70, 30)], start=1):
+        labels[disc(shape, centre, 12)] = 10 * index
+    labels[50:53, 85:88] = 10
+    labels[disc(shape, (75, 75), 10)] = 99
+    out = postprocess(
+        labels, intensity, "nucleus", 3, 6, min_size=30, ring=6, min_contrast=1.0
+    )
+    assert set(np.unique(out)) == {0, 10, 20, 30}
+    assert out[51, 86] == 0  # the stray fragment of object 10
+    for index in (1, 2, 3):
+        inter = np.logical_and(out == 10 * index, truth == index).sum()
+        union = np.logical_or(out == 10 * index, truth == index).sum()
+        assert inter / union > 0.8
+    # without the contrast rule the speckle stays
+    kept = postprocess(labels, intensity, "nucleus", 3, 6, min_size=30, ring=6)
+    assert 99 in np.unique(kept)
