@@ -10,7 +10,7 @@ core of the outputs.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,6 +168,11 @@ def prepare_output(
         if status.get("status") != "incomplete":
             what = "is complete" if status.get("status") == "complete" else "has no interrupted run"
             raise UserInputError(f"--resume: {out} {what}", "drop --resume (and pass --overwrite)")
+        if status.get("command", "predict") != "predict":
+            raise UserInputError(
+                f"--resume: {out} holds an interrupted {status['command']} run, not a prediction",
+                f"finish it with '{status['command']} --resume'",
+            )
         if status.get("plan") != json.loads(json.dumps(plan.to_json())):
             raise UserInputError(
                 f"--resume: the settings differ from those of the interrupted run in {out}",
@@ -227,13 +232,16 @@ def finish_output(
     image: ome_zarr.OmeImage,
     root: zarr.Group,
     features: Sequence[FeatureImage],
+    finishing: Callable[[], None] | None = None,
     **details: object,
 ) -> None:
-    """Pyramids and NGFF metadata, feature images kept or removed, then mark the store complete
-    with ``details`` (the last write of a run)."""
+    """Pyramids and NGFF metadata, ``finishing()`` (e.g. the tracks' own), feature images kept
+    or removed, then mark the store complete with ``details`` (the last write of a run)."""
     ome_zarr.finish_multiscale(root, image.axes, image.scale, Path(plan.input_path).stem)
     label_axes, _ = ome_zarr.label_axes_shape(image)
     ome_zarr.finish_labels(root, LABELS_NAME, label_axes, image.scale)
+    if finishing is not None:
+        finishing()
     for feature in features:
         if feature.keep:
             spatial_scale = image.canonical_scale[-plan.spatial_dims :]
