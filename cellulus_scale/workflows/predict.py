@@ -19,8 +19,8 @@ from typing import Any
 
 from cellulus_scale.blockwise.engine import RunOptions, run_session
 from cellulus_scale.blockwise.plan import Plan, make_plan
-from cellulus_scale.blockwise.store import FeatureImage, finish_output
-from cellulus_scale.config import SegmentationConfig, default_of
+from cellulus_scale.blockwise.store import LABELS_NAME, FeatureImage, finish_output
+from cellulus_scale.config import SegmentationConfig, TrackingConfig, default_of
 from cellulus_scale.errors import UserInputError
 from cellulus_scale.io import ome_zarr
 from cellulus_scale.methods import oce, stardist, watershed
@@ -28,6 +28,8 @@ from cellulus_scale.methods.base import Method, MethodSettings, Statistics
 from cellulus_scale.model.checkpoint import Checkpoint, check_compatible, load_checkpoint
 from cellulus_scale.model.device import choose_device
 from cellulus_scale.model.unet import context
+from cellulus_scale.tracking.stages import LinkSettings, finish_tracks, run_linking
+from cellulus_scale.workflows.link import link_settings
 
 #: The methods of a checkpoint's kind (``--method cellulus``).
 MODEL_METHODS: dict[str, Method] = {"oce": oce.METHOD, "stardist": stardist.METHOD}
@@ -43,6 +45,7 @@ class PredictResult:
     blocks: int
     recomputed: dict[str, int]  # per stage, the blocks computed rather than found recorded
     seconds: dict[str, float]  # per part of the run
+    tracks: dict[str, Any] | None = None  # with link: the counts of the linking
 
 
 def predict(
@@ -70,9 +73,14 @@ def predict(
     client: Any = None,
     prob_threshold: float = default_of(SegmentationConfig, "prob_threshold"),
     nms_threshold: float = default_of(SegmentationConfig, "nms_threshold"),
+    link: bool = False,
+    max_gap: int = default_of(TrackingConfig, "max_gap"),
+    max_distance: float | None = None,
 ) -> PredictResult:
     """Segment every frame of an OME-Zarr image blockwise on Dask; write ``out.zarr`` with a
-    copy of the image and the instance labels ``labels/cellulus`` (NGFF 0.4)."""
+    copy of the image and the instance labels ``labels/cellulus`` (NGFF 0.4). With ``link``,
+    also link the objects over time in the same run (:func:`~cellulus_scale.workflows.link.link`:
+    ``labels/tracks``, its track table and ``tracks.geff``)."""
     image = ome_zarr.open_image(input_path, axes)
     ome_zarr.check_complete(image.path)
     if device == "cuda":
@@ -90,6 +98,7 @@ def predict(
         nms_threshold=nms_threshold,
     )
     options = RunOptions(scheduler, workers, client, overwrite, resume, progress)
+    linking = link_settings(LABELS_NAME, max_gap, max_distance) if link else None
     chosen, checkpoint = choose_method(method, model_path)
     settings = method_settings(image, model_path, segmentation, checkpoint)
     depth = checkpoint.model_config.depth if checkpoint is not None else 0
@@ -97,8 +106,16 @@ def predict(
     plan = make_plan(image, output_path, size, device, chosen.name, settings)
     if not resume:
         ome_zarr.check_output_path(plan.output_path, overwrite, inputs=[image.path])
+    elif Path(plan.output_path).exists():
+        recorded = ome_zarr.run_status(plan.output_path).get("link")
+        if recorded != (linking.to_json() if linking else None):
+            raise UserInputError(
+                f"--resume: the linking options differ from those of the interrupted run in"
+                f" {plan.output_path}",
+                "rerun with the same --link options, or start again with --overwrite",
+            )
     features = chosen.features(plan, save_embeddings)
-    return run_method(chosen, plan, image, checkpoint, features, options)
+    return run_method(chosen, plan, image, checkpoint, features, options, linking)
 
 
 def choose_method(
@@ -149,19 +166,37 @@ def run_method(
     checkpoint: Checkpoint | None,
     features: tuple[FeatureImage, ...],
     options: RunOptions,
+    linking: LinkSettings | None = None,
 ) -> PredictResult:
-    """Run the method's stages in a session of the engine, then finish the output (pyramids,
-    metadata, status complete) once the cluster is closed."""
+    """Run the method's stages in a session of the engine, then, with ``linking``, the linking
+    stages on the labels written; then finish the output (pyramids, metadata, tracks, status
+    complete) once the cluster is closed."""
+    linked = None
     with run_session(plan, image, options, features, method.network) as session:
+        if linking is not None:
+            session.record(link=linking.to_json())
         result = method.run(session, checkpoint)
+        if linking is not None:
+            linked = run_linking(session, linking)
     start = time.perf_counter()
+    label_axes, _ = ome_zarr.label_axes_shape(image)
+    details: dict[str, Any] = {}
+    finishing = None
+    if linked is not None:
+        details["tracks"] = linked.summary()
+
+        def finishing() -> None:
+            finish_tracks(session.root, session.plan, linking, linked, label_axes, image.scale)
+
     finish_output(
         session.plan,
         image,
         session.root,
         features,
+        finishing,
         objects=result.objects,
         statistics=asdict(result.statistics),
+        **details,
     )
     session.timings["writing"] = time.perf_counter() - start
     return PredictResult(
@@ -171,6 +206,7 @@ def run_method(
         len(plan.work),
         session.recomputed,
         session.timings,
+        linked.summary() if linked is not None else None,
     )
 
 
