@@ -295,6 +295,9 @@ class TrackingConfig:
     division_area: tuple[float, float] = (0.5, 1.6)  # daughters' summed area / mother's area
     division_daughter: float = 0.85  # each daughter's area / mother's area, at most
     division_max_iou: float = 0.55  # a daughter overlapping the mother more continues it
+    # frames a track remembers an object that ended inside it (two nuclei segmented as one):
+    # if it splits within them, that is the two parting, not a division
+    merge_window: int = 10
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_gap, int) or self.max_gap < 0:

@@ -128,6 +128,26 @@ def test_max_gap_zero_starts_a_new_track_after_a_gap(tmp_path, client):
     assert len(table) == 8 and ome_zarr.run_status(store)["tracks"]["gaps_closed"] == 0
 
 
+def test_two_nuclei_merged_by_the_segmentation_keep_their_tracks(tmp_path, client):
+    """Two nuclei segmented as one object in frames 3 and 4 part again: no division; each
+    keeps its track (the one the merged object did not continue resumes after the merge)."""
+    video = np.zeros((FRAMES, *SHAPE), np.uint32)
+    for t in range(FRAMES):
+        if t in (3, 4):
+            disc(video[t], (48, 47), 8, 10 * t + 1)
+            disc(video[t], (48, 63), 8, 10 * t + 1)
+        else:
+            left, right = (40, 70) if t < 3 else (44, 68)
+            disc(video[t], (48, left), 8, 10 * t + 1)
+            disc(video[t], (48, right), 8, 10 * t + 2)
+    store = label_store(tmp_path / "video.zarr", video)
+    link(store, client=client, progress=False)
+    assert read_track_table(store, "tracks").tolist() == [[1, 0, 7, 0], [2, 0, 7, 0]]
+    tracks = tracks_of(store)
+    assert tracks[0, 48, 40] == tracks[7, 48, 44] and tracks[0, 48, 70] == tracks[7, 48, 68]
+    assert ome_zarr.run_status(store)["tracks"]["divisions"] == 0
+
+
 def test_geff_export_reads_back(scenario):
     import geff
 
@@ -309,3 +329,18 @@ def test_cli_link_refuses_bad_input_in_one_line(case, words, tmp_path, cli_runne
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     for word in words:
         assert word in lines[0]
+
+
+def test_3d_video_links_and_exports(tmp_path, client):
+    import geff
+
+    spec = SimulationSpec(frames=3, shape=(16, 64, 64), diameter=12.0, seed=2)
+    store = write_simulation(tmp_path / "video.zarr", spec)
+    link(store, labels="ground_truth", block_size=32, client=client, progress=False)
+    truth = ome_zarr.open_labels(store, "ground_truth").data.compute()
+    assert np.array_equal(tracks_of(store) > 0, truth > 0)
+    assert evaluate_tracks(store, client=client).scores.tra == 1.0
+    _, metadata = geff.read(str(store / "tracks.geff"))
+    assert [a.name for a in metadata.axes] == ["t", "z", "y", "x"]
+    done = export_ctc(store, tmp_path / "RES")
+    assert done.frames == 3 and (tmp_path / "RES" / "mask002.tif").exists()

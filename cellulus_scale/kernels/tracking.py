@@ -270,6 +270,90 @@ def link_pair(
     return np.stack(chosen, axis=1).reshape(-1, 2), divisions
 
 
+def resolve_merges(
+    frames: Sequence[FrameObjects],
+    overlaps: Sequence[PairOverlap],
+    continuations: Sequence[np.ndarray],
+    divisions: Sequence[np.ndarray],
+    parameters: TrackingConfig,
+) -> tuple[list[np.ndarray], list[np.ndarray], list[tuple[int, int, int, int]]]:
+    """Undo what merged segmentations do to the links: (continuations, divisions, links across
+    the merged frames as (frame, index, later frame, index)).
+
+    Where an object ends lying mostly inside an object of the next frame that continues another
+    track (two nuclei segmented as one), that track remembers it for ``merge_window`` frames.
+    When the track splits again within them (what :func:`find_divisions` takes for a division,
+    or a new object mostly inside it), the two nuclei are parting: the track continues to the
+    part nearer to where it was before the merge, and the absorbed object's track resumes in the
+    other part, by a link that skips the merged frames."""
+    p = parameters
+    count = len(frames)
+    continuations = [np.asarray(c, np.int64).reshape(-1, 2) for c in continuations]
+    divisions = [np.asarray(d, np.int64).reshape(-1, 3) for d in divisions]
+    links: list[tuple[int, int, int, int]] = []
+    # per frame: node -> absorbed objects still remembered, (frame, index, frame, predecessor)
+    pending: list[dict[int, list[tuple[int, int, int, int]]]] = [{} for _ in range(count)]
+    for t in range(count - 1):
+        first, second, overlap = frames[t], frames[t + 1], overlaps[t]
+        share_next = overlap.counts / np.maximum(second.areas[overlap.b], 1)
+        reached = np.zeros(len(second), bool)
+        reached[continuations[t][:, 1]] = True
+        reached[divisions[t][:, 1:].ravel()] = True
+        mothers = {int(m): (int(a), int(b)) for m, a, b in divisions[t]}
+        added, dropped = [], set()
+        for node in sorted(pending[t]):
+            records = pending[t][node]
+            if not records:
+                continue
+            x_frame, x_index, a_frame, a_index = records[-1]
+            before = frames[a_frame].centroids[a_index]
+            absorbed = frames[x_frame].centroids[x_index]
+            if node in mothers:
+                d1, d2 = mothers[node]
+                c1, c2 = second.centroids[d1], second.centroids[d2]
+                straight = np.linalg.norm(before - c1) + np.linalg.norm(absorbed - c2)
+                crossed = np.linalg.norm(before - c2) + np.linalg.norm(absorbed - c1)
+                keep, other = (d1, d2) if straight <= crossed else (d2, d1)
+                dropped.add(node)
+                added.append((node, keep))
+            else:
+                inside = (overlap.a == node) & (share_next >= p.division_inside)
+                parts = [int(j) for j in overlap.b[inside] if not reached[j]]
+                if not parts:
+                    continue
+                distance = [np.linalg.norm(absorbed - second.centroids[j]) for j in parts]
+                other = parts[int(np.argmin(distance))]
+            reached[other] = True
+            links.append((x_frame, x_index, t + 1, other))
+            records.pop()
+        if dropped:
+            rows = divisions[t]
+            divisions[t] = rows[[int(m) not in dropped for m in rows[:, 0]]]
+            continuations[t] = np.concatenate([continuations[t], np.array(added, np.int64)])
+            continuations[t] = continuations[t][np.argsort(continuations[t][:, 0], kind="stable")]
+        # remembered objects move along the links; those absorbed too long ago are forgotten
+        for i, j in continuations[t]:
+            kept = [r for r in pending[t].get(int(i), []) if r[0] > t - p.merge_window]
+            if kept:
+                pending[t + 1][int(j)] = kept
+        # new merges: objects that end here, lying mostly inside an object that continues another
+        followed = np.zeros(len(first), bool)
+        followed[continuations[t][:, 0]] = True
+        followed[divisions[t][:, 0]] = True
+        predecessor = {int(j): int(i) for i, j in continuations[t]}
+        share_first = overlap.counts / np.maximum(first.areas[overlap.a], 1)
+        for x in np.flatnonzero(~followed):
+            mine = np.flatnonzero(overlap.a == x)
+            if mine.size == 0:
+                continue
+            best = mine[np.argmax(share_first[mine])]
+            host = int(overlap.b[best])
+            if share_first[best] >= p.division_inside and host in predecessor:
+                record = (t, int(x), t, predecessor[host])
+                pending[t + 1].setdefault(host, []).append(record)
+    return continuations, divisions, sorted(links)
+
+
 def close_gaps(
     frames: Sequence[FrameObjects],
     ends: Sequence[np.ndarray],

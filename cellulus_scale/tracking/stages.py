@@ -40,6 +40,7 @@ from cellulus_scale.kernels.tracking import (
     object_statistics,
     overlap_counts,
     pair_overlap,
+    resolve_merges,
     sum_objects,
     sum_overlaps,
     typical_diameter,
@@ -75,7 +76,8 @@ class LinkResult:
     frames: list[FrameObjects]
     continuations: list[np.ndarray]  # per frame pair t: (k, 2) indices into frames t, t+1
     divisions: list[np.ndarray]  # per frame pair t: (m, 3) mother in t, daughters in t+1
-    gaps: list[tuple[int, int, int, int]]  # (frame, index, later frame, index)
+    gaps: list[tuple[int, int, int, int]]  # links across gaps and merges: (frame, index, later
+    # frame, index)
     tracks: Tracks
     tracking: TrackingConfig  # with max_distance set
     spatial_dims: int
@@ -192,15 +194,24 @@ def link_frames(
 
 
 def ends_and_starts(
-    frames: Sequence[FrameObjects], continuations: Sequence[np.ndarray], divisions: Sequence
+    frames: Sequence[FrameObjects],
+    continuations: Sequence[np.ndarray],
+    divisions: Sequence,
+    links: Sequence[tuple[int, int, int, int]] = (),
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per frame, the objects no link continues (not the last frame's, nor mothers) and the
-    objects no link reaches (not the first frame's, nor daughters)."""
+    objects no link reaches (not the first frame's, nor daughters); ``links`` are further links
+    (frame, index, later frame, index)."""
     ends, starts = [], []
     last = len(frames) - 1
     for t, objects in enumerate(frames):
         followed = np.zeros(len(objects), bool)
         preceded = np.zeros(len(objects), bool)
+        for source, i, target, j in links:
+            if source == t:
+                followed[i] = True
+            if target == t:
+                preceded[j] = True
         if t < last:
             followed[continuations[t][:, 0]] = True
             followed[divisions[t][:, 0]] = True
@@ -241,8 +252,15 @@ def run_linking(session: Session, settings: LinkSettings) -> LinkResult:
             linked = []
         continuations = [c for c, _ in linked]
         divisions = [d for _, d in linked]
-        ends, starts = ends_and_starts(frames, continuations, divisions)
+        by_index = [
+            pair_overlap(frames[t], frames[t + 1], *overlaps[t]) for t in range(len(frames) - 1)
+        ]
+        continuations, divisions, merges = resolve_merges(
+            frames, by_index, continuations, divisions, tracking
+        )
+        ends, starts = ends_and_starts(frames, continuations, divisions, merges)
         gaps = close_gaps(frames, ends, starts, tracking)
+        gaps = sorted(gaps + merges)
         tracks = number_tracks(frames, continuations, divisions, gaps)
         prepare_target(session, settings, len(tracks.table))
         offsets = np.cumsum([0, *[len(f) for f in frames]])
