@@ -295,6 +295,9 @@ class TrackingConfig:
     division_area: tuple[float, float] = (0.5, 1.6)  # daughters' summed area / mother's area
     division_daughter: float = 0.85  # each daughter's area / mother's area, at most
     division_max_iou: float = 0.55  # a daughter overlapping the mother more continues it
+    # frames the daughters must stay apart: a division whose daughters merge again sooner is one
+    # nucleus the segmentation cut in two
+    division_persist: int = 2
     # frames a track remembers an object that ended inside it (two nuclei segmented as one):
     # if it splits within them, that is the two parting, not a division
     merge_window: int = 10

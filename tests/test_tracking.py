@@ -148,6 +148,18 @@ def test_two_nuclei_merged_by_the_segmentation_keep_their_tracks(tmp_path, clien
     assert ome_zarr.run_status(store)["tracks"]["divisions"] == 0
 
 
+def test_a_nucleus_cut_in_two_for_a_frame_is_no_division(tmp_path, client):
+    video = np.zeros((FRAMES, *SHAPE), np.uint32)
+    for t in range(FRAMES):
+        disc(video[t], (48, 60), 9, 10 * t + 1)
+        if t == 3:  # the segmentation cuts it in two for one frame
+            video[t, :, 60:][video[t, :, 60:] > 0] = 10 * t + 2
+    store = label_store(tmp_path / "video.zarr", video)
+    link(store, client=client, progress=False)
+    assert read_track_table(store, "tracks").tolist() == [[1, 0, 7, 0], [2, 3, 3, 0]]
+    assert ome_zarr.run_status(store)["tracks"]["divisions"] == 0
+
+
 def test_geff_export_reads_back(scenario):
     import geff
 

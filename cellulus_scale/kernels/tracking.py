@@ -270,12 +270,60 @@ def link_pair(
     return np.stack(chosen, axis=1).reshape(-1, 2), divisions
 
 
+def confirm_divisions(
+    frames: Sequence[FrameObjects],
+    overlaps: Sequence[PairOverlap],
+    continuations: Sequence[np.ndarray],
+    divisions: Sequence[np.ndarray],
+    parameters: TrackingConfig,
+) -> tuple[list[np.ndarray], list[np.ndarray], set[tuple[int, int]]]:
+    """Drop the divisions whose daughters merge again within ``division_persist`` frames (one
+    nucleus cut in two for a frame or two by the segmentation): the mother continues into the
+    daughter that goes on. Returns the links and the (frame, index) of each daughter's last
+    object before it merged back (not to be taken for a nucleus merged into its neighbour)."""
+    p = parameters
+    count = len(frames)
+    continuations = [np.asarray(c, np.int64).reshape(-1, 2) for c in continuations]
+    divisions = [np.asarray(d, np.int64).reshape(-1, 3) for d in divisions]
+    successor = [dict(zip(c[:, 0].tolist(), c[:, 1].tolist(), strict=True)) for c in continuations]
+    merged_back: set[tuple[int, int]] = set()
+    for t in range(count - 1):
+        cancelled = []
+        for row, (_, d1, d2) in enumerate(divisions[t]):
+            chains = [int(d1), int(d2)]
+            for k in range(t + 1, min(t + 1 + p.division_persist, count - 1)):
+                following = [successor[k].get(c) for c in chains]
+                gone = [i for i in (0, 1) if following[i] is None]
+                if len(gone) == 1:
+                    lost, kept = chains[gone[0]], following[1 - gone[0]]
+                    overlap = overlaps[k]
+                    shared = overlap.counts[(overlap.a == lost) & (overlap.b == kept)].sum()
+                    if shared >= p.division_inside * frames[k].areas[lost]:
+                        cancelled.append((row, 1 - gone[0]))
+                        merged_back.add((k, lost))
+                if gone or following[0] == following[1]:
+                    break
+                chains = following
+        if cancelled:
+            keep = np.ones(len(divisions[t]), bool)
+            added = []
+            for row, which in cancelled:
+                keep[row] = False
+                added.append((divisions[t][row, 0], divisions[t][row, 1 + which]))
+            divisions[t] = divisions[t][keep]
+            links = np.concatenate([continuations[t], np.array(added, np.int64)])
+            continuations[t] = links[np.argsort(links[:, 0], kind="stable")]
+            successor[t] = dict(zip(links[:, 0].tolist(), links[:, 1].tolist(), strict=True))
+    return continuations, divisions, merged_back
+
+
 def resolve_merges(
     frames: Sequence[FrameObjects],
     overlaps: Sequence[PairOverlap],
     continuations: Sequence[np.ndarray],
     divisions: Sequence[np.ndarray],
     parameters: TrackingConfig,
+    merged_back: set[tuple[int, int]] = frozenset(),
 ) -> tuple[list[np.ndarray], list[np.ndarray], list[tuple[int, int, int, int]]]:
     """Undo what merged segmentations do to the links: (continuations, divisions, links across
     the merged frames as (frame, index, later frame, index)).
@@ -348,7 +396,11 @@ def resolve_merges(
                 continue
             best = mine[np.argmax(share_first[mine])]
             host = int(overlap.b[best])
-            if share_first[best] >= p.division_inside and host in predecessor:
+            if (
+                share_first[best] >= p.division_inside
+                and host in predecessor
+                and (t, int(x)) not in merged_back
+            ):
                 record = (t, int(x), t, predecessor[host])
                 pending[t + 1].setdefault(host, []).append(record)
     return continuations, divisions, sorted(links)

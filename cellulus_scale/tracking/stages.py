@@ -5,8 +5,10 @@
    coordinate sums) and the pixel overlaps of t with t+1. Recorded, like every stage's result.
 2. Per frame and frame pair, the block results are summed (exact integers, so the same for
    every block size). Then one Dask task per frame pair links frame t to t+1
-   (:func:`~cellulus_scale.kernels.tracking.link_pair`), gaps are closed across the video and
-   the links are numbered into tracks (union-find; IDs by first frame, then ID there).
+   (:func:`~cellulus_scale.kernels.tracking.link_pair`); over the whole video (small tables),
+   divisions whose daughters merge again are dropped, nuclei that the segmentation merged keep
+   their tracks when they part, gaps are closed, and the links are numbered into tracks
+   (union-find; IDs by first frame, then ID there).
 3. ``link-labels``, one task per (frame, block): maps the block's per-frame IDs to track IDs
    and writes its core into ``labels/<target>`` (a new array, so a task retried or redone on
    ``--resume`` writes the same bytes).
@@ -34,6 +36,7 @@ from cellulus_scale.kernels.tracking import (
     FrameObjects,
     Tracks,
     close_gaps,
+    confirm_divisions,
     frame_objects,
     link_pair,
     number_tracks,
@@ -255,8 +258,11 @@ def run_linking(session: Session, settings: LinkSettings) -> LinkResult:
         by_index = [
             pair_overlap(frames[t], frames[t + 1], *overlaps[t]) for t in range(len(frames) - 1)
         ]
-        continuations, divisions, merges = resolve_merges(
+        continuations, divisions, merged_back = confirm_divisions(
             frames, by_index, continuations, divisions, tracking
+        )
+        continuations, divisions, merges = resolve_merges(
+            frames, by_index, continuations, divisions, tracking, merged_back
         )
         ends, starts = ends_and_starts(frames, continuations, divisions, merges)
         gaps = close_gaps(frames, ends, starts, tracking)
