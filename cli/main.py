@@ -427,8 +427,7 @@ def _report_tracks(store: Path, tracks: dict[str, Any]) -> None:
 
 
 @main.command(
-    epilog="\b\nExamples:\n  cellulus-scale link segmented.zarr\n"
-    "  cellulus-scale link video.zarr --labels ground_truth --max-gap 3"
+    epilog="\b\nExample:\n  cellulus-scale link segmented.zarr --max-gap 2"
 )
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option(
