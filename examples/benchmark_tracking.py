@@ -167,8 +167,6 @@ def memory(args: argparse.Namespace, folder: Path) -> None:
 def hela(args: argparse.Namespace, folder: Path) -> None:
     import tifffile
 
-    from cellulus_scale.viz.snapshot import preview_frame
-
     frames = tifffile.imread(args.hela)
     video = folder / "hela.zarr"
     ome_zarr.write_image(
@@ -212,25 +210,39 @@ def hela(args: argparse.Namespace, folder: Path) -> None:
         f" {linking:.1f} |"
     )
     if args.preview:
-        import matplotlib.image as mpimg
-        from matplotlib.figure import Figure
+        compose_preview(out, [0, count // 2, count - 1], Path(args.preview), folder)
 
-        shown = [0, count // 2, count - 1]
-        images = []
-        for t in shown:
-            png = folder / f"hela{t}.png"
-            preview_frame(out, t, png, labels="tracks")
-            images.append(mpimg.imread(png))
-        height, width = images[0].shape[:2]
-        scale = min(1.0, 550 / width)  # each frame at most 550 px wide: a small PNG
-        figure = Figure(figsize=(3 * width * scale / 100, height * scale / 100), dpi=100)
-        for k, image in enumerate(images):
-            axis = figure.add_axes((k / 3, 0, 1 / 3, 1))
-            axis.imshow(image, interpolation="antialiased")
-            axis.set_axis_off()
-        Path(args.preview).parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(args.preview)
-        print(f"\nwrote {args.preview}")
+
+def compose_preview(store: Path, shown: list[int], png: Path, folder: Path) -> None:
+    """``preview --labels tracks`` of the frames ``shown``, side by side: their central 350x500
+    px at full resolution (a nucleus keeps its colour from frame to frame)."""
+    import matplotlib.image as mpimg
+    from matplotlib.figure import Figure
+
+    from cellulus_scale.viz.snapshot import preview_frame
+
+    crops = []
+    for t in shown:
+        frame = Path(folder) / f"preview{t}.png"
+        preview_frame(store, t, frame, labels="tracks")
+        image = mpimg.imread(frame)[..., :3]
+        title, body = image[:24], image[24:]  # the preview's title bar, then the frame 1:1
+        y0 = max(0, (body.shape[0] - 350) // 2)
+        x0 = max(0, (body.shape[1] - 500) // 2)
+        crops.append(np.concatenate([title[:, x0 : x0 + 500], body[y0 : y0 + 350, x0 : x0 + 500]]))
+    height, width = crops[0].shape[:2]
+    figure = Figure(figsize=(len(crops) * width / 100, height / 100), dpi=100)
+    for k, crop in enumerate(crops):
+        axis = figure.add_axes((k / len(crops), 0, 1 / len(crops), 1))
+        axis.imshow(crop, interpolation="nearest")
+        axis.set_axis_off()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(png)
+    from PIL import Image  # matplotlib's own dependency
+
+    with Image.open(png) as image:  # 256 colours: a third of the bytes, the same look
+        image.convert("RGB").quantize(256).save(png, optimize=True)
+    print(f"\nwrote {png}")
 
 
 def main() -> None:
