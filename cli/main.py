@@ -286,8 +286,8 @@ def train_supervised(image: Path, model: Path, **options: Any) -> None:
 
 
 @main.command(
-    epilog="\b\nExample:\n  cellulus-scale predict demo.zarr segmented.zarr --model model.pt"
-    " --diameter 24"
+    epilog="\b\nExamples:\n  cellulus-scale predict video.zarr segmented.zarr\n"
+    "  cellulus-scale predict video.zarr segmented.zarr --model model.pt --diameter 24"
 )
 @click.argument("image", type=click.Path(path_type=Path))
 @click.argument("output", type=click.Path(path_type=Path))
@@ -296,9 +296,35 @@ def train_supervised(image: Path, model: Path, **options: Any) -> None:
     "model",
     type=click.Path(path_type=Path),
     default=None,
-    help="Checkpoint from 'train' or 'train-supervised' (not needed for --method watershed).",
+    help="Checkpoint from 'train' or 'train-supervised'; without it a model is trained on IMAGE"
+    " first and kept as OUTPUT/model.pt.",
 )
-@click.option("--diameter", type=float, required=True, help="Typical object diameter in pixels.")
+@click.option(
+    "--diameter",
+    type=float,
+    default=None,
+    help="Typical object diameter in pixels (default: estimated from the image).",
+)
+@click.option(
+    "--train-minutes",
+    type=float,
+    default=None,
+    help="Without --model: the training's time budget (default: 10 on a CPU, the preset's"
+    " schedule on a GPU).",
+)
+@click.option(
+    "--preset",
+    type=click.Choice(["auto", "paper", "cpu"]),
+    default="auto",
+    show_default=True,
+    help="Without --model: the training preset (auto: paper on a GPU, cpu elsewhere).",
+)
+@click.option(
+    "--train-epochs",
+    type=int,
+    default=None,
+    help="Without --model: train this many epochs (default: the preset's).",
+)
 @click.option(
     "--method",
     type=click.Choice(["cellulus", "watershed"]),
@@ -378,14 +404,11 @@ def train_supervised(image: Path, model: Path, **options: Any) -> None:
 @user_errors
 def predict(image: Path, output: Path, model: Path | None, **options: Any) -> None:
     """Segment every frame of IMAGE blockwise on Dask; write OUTPUT (.zarr) with a copy of the
-    image and the labels 'labels/cellulus'.
+    image and the labels 'labels/cellulus'. Without --model, train on IMAGE first; without
+    --diameter, estimate it.
     """
-    from cellulus_scale.workflows.predict import predict as run_prediction
+    from cellulus_scale import predict as run_prediction
 
-    if options["method"] == "cellulus" and model is None:
-        raise UserInputError(
-            "--model is missing", "pass --model MODEL.pt from 'cellulus-scale train'"
-        )
     result = run_prediction(image, output, model, **options)
     total = sum(result.seconds.values())
     redone = ", ".join(
@@ -457,11 +480,17 @@ def preview(store: Path, frame: int, labels: str, output: Path) -> None:
 @click.argument("directory", type=click.Path(path_type=Path), default=Path("demo_output"))
 @click.option("--frames", default=6, show_default=True)
 @click.option("--size", default=256, show_default=True, help="Frame side in pixels.")
-@click.option("--minutes", default=2.0, show_default=True, help="Training time budget.")
+@click.option(
+    "--minutes",
+    default=30.0,
+    show_default=True,
+    help="Safety limit on the training (it runs the preset's epochs, the same on every machine).",
+)
 @click.option("--seed", default=0, show_default=True)
 @user_errors
 def demo(directory: Path, frames: int, size: int, minutes: float, seed: int) -> None:
-    """Simulate, train (cpu preset), predict and evaluate, through the real pipeline."""
+    """Simulate a video, then 'cellulus-scale predict VIDEO OUT' with nothing else given (train
+    on it, estimate the diameter, predict), then evaluate: the real pipeline end to end."""
     from cellulus_scale.workflows.demo import run_demo
 
     run_demo(directory, frames=frames, size=size, minutes=minutes, seed=seed, echo=click.echo)

@@ -133,8 +133,24 @@ def parse_variant(text: str) -> dict:
     return options
 
 
+def sample_fields(video: Path, count: int, folder: Path) -> Path:
+    """A store of ``count`` evenly spaced fields (time points) of ``video`` and their truth."""
+    import dask.array as da
+
+    image = ome_zarr.open_image(video)
+    truth = ome_zarr.open_labels(video, "ground_truth")
+    picked = np.linspace(0, image.data.shape[0] - 1, count).round().astype(int)
+    path = folder / f"{video.stem}-{count}.zarr"
+    root = ome_zarr.write_image(path, image.data[picked], image.axes, image.scale, path.stem)
+    labels = da.asarray(truth.data[picked])
+    ome_zarr.write_labels(root, "ground_truth", labels, truth.axes, truth.scale)
+    return path
+
+
 def real_rows(args: argparse.Namespace, folder: Path) -> None:
     video = Path(args.real).resolve()
+    if args.fields:
+        video = sample_fields(video, args.fields, folder)
     name = video.stem
     frames = ome_zarr.open_image(video).canonical_shape[0]
     print(f"\n{name}: {frames} fields, diameter {args.diameter:g}, preset {args.preset}\n")
@@ -192,13 +208,18 @@ def main() -> None:
     parser.add_argument("--real", default=None, help="an OME-Zarr image with ground truth")
     parser.add_argument("--diameter", type=float, default=28.0, help="of the real set's nuclei")
     parser.add_argument(
+        "--fields", type=int, default=None, help="train and score on this many evenly spaced fields"
+    )
+    parser.add_argument(
         "--variant",
         action="append",
         default=[],
         help="predict options of an extra real row, e.g. 'tta=32' or 'mode=cell,min_contrast=off'",
     )
     parser.add_argument(
-        "--epochs-list", type=lambda t: [int(v) for v in t.split(",")], default=[],
+        "--epochs-list",
+        type=lambda t: [int(v) for v in t.split(",")],
+        default=[],
         help="extra real rows trained for these epochs, e.g. 2,5,20",
     )
     parser.add_argument("--simulated", action="store_true", help="the simulated rows")

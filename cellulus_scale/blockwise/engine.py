@@ -108,6 +108,7 @@ class Session:
     image: OmeImage
     root: zarr.Group
     progress: bool = True
+    local: bool = True  # on a cluster started for the run (on this machine)
     recomputed: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -239,4 +240,5 @@ def run_session(
             print(f"Dask dashboard: {dask.dashboard_link}", flush=True)
         plan = replace(plan, torch_threads=threads_per_host(dask))
         root = prepare_output(plan, image, options.overwrite, options.resume, features)
-        yield Session(dask, plan, image, root, options.progress)
+        local = options.client is None and options.scheduler is None
+        yield Session(dask, plan, image, root, options.progress, local)

@@ -17,10 +17,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cellulus_scale.blockwise.engine import RunOptions, run_session
+from cellulus_scale.blockwise.engine import RunOptions, Session, run_session
 from cellulus_scale.blockwise.plan import Plan, make_plan
-from cellulus_scale.blockwise.store import FeatureImage, finish_output
-from cellulus_scale.config import SegmentationConfig, default_of
+from cellulus_scale.blockwise.store import WORK_DIR, FeatureImage, finish_output
+from cellulus_scale.config import (
+    AUTO_PRESET,
+    PRESETS,
+    SELF_TRAINING_CPU_MINUTES,
+    Preset,
+    SegmentationConfig,
+    auto_preset,
+    default_of,
+)
 from cellulus_scale.errors import UserInputError
 from cellulus_scale.io import ome_zarr
 from cellulus_scale.methods import oce, stardist, watershed
@@ -28,6 +36,12 @@ from cellulus_scale.methods.base import Method, MethodSettings, Statistics
 from cellulus_scale.model.checkpoint import Checkpoint, check_compatible, load_checkpoint
 from cellulus_scale.model.device import choose_device
 from cellulus_scale.model.unet import context
+from cellulus_scale.training.loop import TrainResult, training_finished
+from cellulus_scale.training.oce import largest_crop_within, train
+from cellulus_scale.workflows.diameter import estimate_diameter
+
+#: The model a run trained on its input, kept in the output store.
+MODEL_FILE = "model.pt"
 
 #: The methods of a checkpoint's kind (``--method cellulus``).
 MODEL_METHODS: dict[str, Method] = {"oce": oce.METHOD, "stardist": stardist.METHOD}
@@ -48,8 +62,8 @@ class PredictResult:
 def predict(
     input_path: str | os.PathLike[str],
     output_path: str | os.PathLike[str],
-    model_path: str | os.PathLike[str] | None,
-    diameter: float,
+    model_path: str | os.PathLike[str] | None = None,
+    diameter: float | None = None,
     method: str = "cellulus",
     block_size: int | None = None,
     tta: int = default_of(SegmentationConfig, "tta_passes"),
@@ -70,13 +84,49 @@ def predict(
     client: Any = None,
     prob_threshold: float = default_of(SegmentationConfig, "prob_threshold"),
     nms_threshold: float = default_of(SegmentationConfig, "nms_threshold"),
+    train_minutes: float | None = None,
+    preset: str = AUTO_PRESET,
+    train_epochs: int | None = None,
 ) -> PredictResult:
     """Segment every frame of an OME-Zarr image blockwise on Dask; write ``out.zarr`` with a
-    copy of the image and the instance labels ``labels/cellulus`` (NGFF 0.4)."""
+    copy of the image and the instance labels ``labels/cellulus`` (NGFF 0.4).
+
+    Without ``model_path`` a model is first trained on the input itself (``preset``, for
+    ``train_epochs``, by default the preset's, within ``train_minutes``, by default
+    :data:`~cellulus_scale.config.SELF_TRAINING_CPU_MINUTES` on a CPU and the preset's whole
+    schedule on a GPU) and kept as ``OUT.zarr/model.pt``. Without ``diameter`` the typical
+    object diameter is estimated from the image
+    (:func:`~cellulus_scale.workflows.diameter.estimate_diameter`). Both are recorded in the
+    output's metadata."""
     image = ome_zarr.open_image(input_path, axes)
     ome_zarr.check_complete(image.path)
     if device == "cuda":
         choose_device(device)  # refuses where no CUDA GPU is available
+    if not resume:
+        ome_zarr.check_output_path(output_path, overwrite, inputs=[image.path])
+    self_training = None
+    if model_path is None and method == "cellulus":
+        for choice in PRESETS.values() if preset == AUTO_PRESET else (PRESETS[preset],):
+            trainable_crop(image, choice)  # refuses an image too small before anything starts
+        self_training = SelfTraining(
+            Path(output_path).resolve() / WORK_DIR / MODEL_FILE,
+            preset,
+            train_minutes,
+            train_epochs,
+            device,
+            seed,
+            axes,
+        )
+        model_path = self_training.model_path
+    estimated = diameter is None
+    if diameter is None:
+        found = estimate_diameter(input_path, axes)
+        diameter = found.diameter
+        _say(
+            progress,
+            f"estimated object diameter: {diameter:.1f} px ({found.objects} objects in"
+            f" {found.frames} frames)",
+        )
     segmentation = SegmentationConfig(
         diameter=diameter,
         tta_passes=tta,
@@ -90,15 +140,18 @@ def predict(
         nms_threshold=nms_threshold,
     )
     options = RunOptions(scheduler, workers, client, overwrite, resume, progress)
-    chosen, checkpoint = choose_method(method, model_path)
-    settings = method_settings(image, model_path, segmentation, checkpoint)
-    depth = checkpoint.model_config.depth if checkpoint is not None else 0
+    if self_training is not None:
+        chosen, checkpoint = oce.METHOD, None
+        depth = PRESETS["paper" if preset == AUTO_PRESET else preset].model.depth
+    else:
+        chosen, checkpoint = choose_method(method, model_path)
+        depth = checkpoint.model_config.depth if checkpoint is not None else 0
+    settings = method_settings(image, model_path, segmentation, checkpoint, depth)
     size = choose_block_size(block_size, image.spatial_dims, depth, diameter)
     plan = make_plan(image, output_path, size, device, chosen.name, settings)
-    if not resume:
-        ome_zarr.check_output_path(plan.output_path, overwrite, inputs=[image.path])
     features = chosen.features(plan, save_embeddings)
-    return run_method(chosen, plan, image, checkpoint, features, options)
+    details = {"diameter": diameter, "diameter_estimated": estimated}
+    return run_method(chosen, plan, image, checkpoint, features, options, self_training, details)
 
 
 def choose_method(
@@ -123,9 +176,10 @@ def method_settings(
     model_path: str | os.PathLike[str] | None,
     segmentation: SegmentationConfig,
     checkpoint: Checkpoint | None,
+    depth: int,
 ) -> MethodSettings:
-    """The settings the plan carries for the method, once the model suits the image and the
-    diameter the frame."""
+    """The settings the plan carries for the method (a network of ``depth``, 0 without one),
+    once the model suits the image and the diameter the frame."""
     if checkpoint is not None:
         check_compatible(checkpoint, image.spatial_dims, image.canonical_shape[1], str(image.path))
     spatial = image.canonical_shape[-image.spatial_dims :]
@@ -138,8 +192,107 @@ def method_settings(
     return MethodSettings(
         segmentation=segmentation,
         model_path=str(Path(model_path).resolve()) if model_path is not None else "",
-        network_context=context(checkpoint.model_config.depth) if checkpoint is not None else 0,
+        network_context=context(depth) if model_path is not None else 0,
     )
+
+
+@dataclass(frozen=True)
+class SelfTraining:
+    """Training on the input itself before predicting: where the model is kept during the run,
+    and how it is trained."""
+
+    model_path: Path
+    preset: str
+    minutes: float | None
+    epochs: int | None
+    device: str
+    seed: int
+    axes: str | None
+
+
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        print(message, flush=True)
+
+
+def trainable_crop(image: ome_zarr.OmeImage, preset: Preset) -> int:
+    """The largest training crop that fits the image, for the preset's network; refuses an
+    image too small to train on."""
+    spatial = image.canonical_shape[-image.spatial_dims :]
+    fits = largest_crop_within(min(spatial), preset.model.depth, preset.train.kappa)
+    if fits is None:
+        raise UserInputError(
+            f"{image.path} ({'x'.join(map(str, spatial))}) is too small to train a model on",
+            "pass --model MODEL.pt, trained with 'cellulus-scale train' on larger images",
+        )
+    return fits
+
+
+def train_here(
+    image_path: str, model_path: Path, minutes: float | None, device: str, **options: Any
+) -> TrainResult:
+    """Train where this runs (a worker, or this process): within ``minutes``, by default
+    :data:`~cellulus_scale.config.SELF_TRAINING_CPU_MINUTES` where the training device is a CPU
+    and the preset's whole schedule on a GPU."""
+    kind = choose_device(device).type
+    if minutes is None and kind != "cuda":
+        minutes = SELF_TRAINING_CPU_MINUTES
+    preset = options.pop("preset")
+    preset = auto_preset(kind) if preset == AUTO_PRESET else preset
+    chosen = PRESETS[preset]
+    image = ome_zarr.open_image(image_path, options.get("axes"))
+    crop = min(chosen.train.crop_size, trainable_crop(image, chosen))
+    return train(
+        image_path,
+        model_path,
+        preset=preset,
+        max_minutes=minutes,
+        device=device,
+        overwrite=True,
+        crop_size=crop,
+        **options,
+    )
+
+
+def train_on_input(session: Session, training: SelfTraining, resume: bool) -> Checkpoint:
+    """Train (or, on resume, continue or reuse) the model on the session's input: in this
+    process on the embedded cluster, else as one task on a worker of the cluster (a GPU worker
+    where there is one), which writes the model through the shared file system."""
+    from cellulus_scale.blockwise.cluster import network_resources
+
+    path = training.model_path
+    if resume and path.exists() and training_finished(load_checkpoint(path, kind="oce")):
+        _say(session.progress, f"reusing the model trained before: {path}")
+        return load_checkpoint(path, kind="oce")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arguments = dict(
+        preset=training.preset,
+        axes=training.axes,
+        minutes=training.minutes,
+        epochs=training.epochs,
+        device=training.device,
+        seed=training.seed,
+        resume=resume and path.exists(),
+        progress=session.progress and session.local,
+    )
+    budget = f"up to {training.minutes:g} min" if training.minutes is not None else "default budget"
+    _say(session.progress, f"training on the input ({budget}) -> {path}")
+    with session.timed("training"):
+        if session.local:
+            result = train_here(session.plan.input_path, path, **arguments)
+        else:
+            resources = network_resources(session.client, training.device)
+            future = session.client.submit(
+                train_here,
+                session.plan.input_path,
+                path,
+                pure=False,
+                resources=resources,
+                **arguments,
+            )
+            result = future.result()
+    _say(session.progress, f"trained {result.steps} steps, loss {result.final_loss:.4f}")
+    return load_checkpoint(path, kind="oce")
 
 
 def run_method(
@@ -149,12 +302,23 @@ def run_method(
     checkpoint: Checkpoint | None,
     features: tuple[FeatureImage, ...],
     options: RunOptions,
+    self_training: SelfTraining | None = None,
+    details: dict[str, Any] | None = None,
 ) -> PredictResult:
-    """Run the method's stages in a session of the engine, then finish the output (pyramids,
-    metadata, status complete) once the cluster is closed."""
+    """Run the method's stages in a session of the engine (after training the model on the
+    input where ``self_training`` asks for it), then finish the output (pyramids, metadata,
+    status complete) once the cluster is closed."""
+    details = dict(details or {})
     with run_session(plan, image, options, features, method.network) as session:
+        if self_training is not None:
+            checkpoint = train_on_input(session, self_training, options.resume)
+            check_compatible(
+                checkpoint, image.spatial_dims, image.canonical_shape[1], str(image.path)
+            )
         result = method.run(session, checkpoint)
     start = time.perf_counter()
+    if self_training is not None:
+        details["model"] = str(keep_model(self_training.model_path, Path(plan.output_path)))
     finish_output(
         session.plan,
         image,
@@ -162,6 +326,7 @@ def run_method(
         features,
         objects=result.objects,
         statistics=asdict(result.statistics),
+        **details,
     )
     session.timings["writing"] = time.perf_counter() - start
     return PredictResult(
@@ -172,6 +337,17 @@ def run_method(
         session.recomputed,
         session.timings,
     )
+
+
+def keep_model(model_path: Path, output: Path) -> Path:
+    """Move a model trained during the run (with its loss log and plot) from the run's working
+    folder to ``OUT.zarr/model.pt``, where it stays for reuse with ``--model``."""
+    kept = output / MODEL_FILE
+    for suffix in (".pt", ".loss.csv", ".loss.png"):
+        source = model_path.with_suffix(suffix)
+        if source.exists():
+            os.replace(source, kept.with_suffix(suffix))
+    return kept
 
 
 # --- block size ------------------------------------------------------------------------------
