@@ -368,7 +368,7 @@ def train_supervised(image: Path, model: Path, **options: Any) -> None:
     "--workers",
     type=int,
     default=None,
-    help="Local CPU workers (default: one per core, less one per GPU; each GPU gets one more"
+    help="Local CPU workers (default: one per core, less four per GPU; each GPU gets four more"
     " worker that runs the network).",
 )
 @click.option(
@@ -462,6 +462,12 @@ def evaluate(
 @click.option("--frame", type=int, default=0, show_default=True)
 @click.option("--labels", default="cellulus", show_default=True)
 @click.option(
+    "--truth",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A store with labels/ground_truth to show beside (default: STORE's own, if any).",
+)
+@click.option(
     "-o",
     "--output",
     type=click.Path(path_type=Path),
@@ -469,11 +475,12 @@ def evaluate(
     show_default=True,
 )
 @user_errors
-def preview(store: Path, frame: int, labels: str, output: Path) -> None:
-    """Draw one frame with instance outlines in distinct colours to a PNG."""
+def preview(store: Path, frame: int, labels: str, truth: Path | None, output: Path) -> None:
+    """Draw one frame with instance outlines in distinct colours to a PNG, and the ground truth
+    beside it where there is one."""
     from cellulus_scale.viz.snapshot import preview_frame
 
-    click.echo(f"wrote {preview_frame(store, frame, output, labels)}")
+    click.echo(f"wrote {preview_frame(store, frame, output, labels, truth=truth)}")
 
 
 @main.command(epilog="\b\nExample:\n  cellulus-scale demo demo_output --minutes 2")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from real_data import sample_fields
 
 from cellulus_scale.evaluation.evaluate import evaluate
 from cellulus_scale.evaluation.metrics import overlap_table
@@ -131,20 +132,6 @@ def parse_variant(text: str) -> dict:
                 pass
         options[key.replace("-", "_")] = None if value == "off" else value
     return options
-
-
-def sample_fields(video: Path, count: int, folder: Path) -> Path:
-    """A store of ``count`` evenly spaced fields (time points) of ``video`` and their truth."""
-    import dask.array as da
-
-    image = ome_zarr.open_image(video)
-    truth = ome_zarr.open_labels(video, "ground_truth")
-    picked = np.linspace(0, image.data.shape[0] - 1, count).round().astype(int)
-    path = folder / f"{video.stem}-{count}.zarr"
-    root = ome_zarr.write_image(path, image.data[picked], image.axes, image.scale, path.stem)
-    labels = da.asarray(truth.data[picked])
-    ome_zarr.write_labels(root, "ground_truth", labels, truth.axes, truth.scale)
-    return path
 
 
 def real_rows(args: argparse.Namespace, folder: Path) -> None:

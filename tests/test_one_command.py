@@ -59,6 +59,8 @@ def test_the_literal_command_trains_estimates_predicts_and_records(video, tmp_pa
     Labels.from_zarr(root["labels"])
     ImageLabel.from_zarr(root["labels"]["cellulus"])
     assert evaluate(out, video).overall.f1 > 0.5
+    written = len(np.unique(labels_of(out))) - 1  # the count reported is what the store holds
+    assert status["objects"] == written and f"{written} objects" in done.stdout
     # the kept model and the recorded diameter give the same labels again
     again = tmp_path / "again.zarr"
     reused = subprocess.run(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 from collections.abc import Iterator
 
 from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
@@ -16,6 +17,26 @@ from cellulus_scale.errors import UserInputError
 #: the GPU's work on another. Measured on an H200: 4 single-threaded processes kept the GPU
 #: busy where 4 threads of one process could not (README, "Where it runs").
 GPU_WORKERS_PER_GPU = 4
+
+
+#: The module every worker of the embedded cluster preloads (SIGINT ignored).
+QUIET = "cellulus_scale.blockwise.quiet_worker"
+
+
+@contextlib.contextmanager
+def sigint_ignored() -> Iterator[None]:
+    """Ignore SIGINT while worker processes start: they inherit it and never print a traceback
+    for a Ctrl-C meant for the command (the preloaded :data:`QUIET` keeps restarted workers so
+    too)."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: nothing to do
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def local_gpu_count() -> int:
@@ -78,17 +99,19 @@ def dask_client(
     # a failed task is reported once, by the client; the workers' own 'Compute Failed' log
     # lines (level ERROR) would break the one-line error of the command line
     silence = logging.CRITICAL if quiet else logging.WARNING
-    if gpus:
-        cluster = gpu_cluster(count, gpus, silence)
-    else:
-        cluster = LocalCluster(
-            n_workers=count,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address="127.0.0.1:0",
-            silence_logs=silence,
-        )
+    with sigint_ignored():  # the workers start ignoring Ctrl-C (and keep doing so: QUIET)
+        if gpus:
+            cluster = gpu_cluster(count, gpus, silence)
+        else:
+            cluster = LocalCluster(
+                n_workers=count,
+                threads_per_worker=1,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address="127.0.0.1:0",
+                silence_logs=silence,
+                preload=[QUIET],
+            )
     client = Client(cluster)
     try:
         yield client
@@ -115,6 +138,7 @@ def gpu_cluster(cpu_workers: int, gpus: int, silence_logs: int) -> SpecCluster:
                 "dashboard_address": None,
                 "silence_logs": silence_logs,
                 "memory_limit": "auto",
+                "preload": [QUIET],
                 **options,
             },
         }

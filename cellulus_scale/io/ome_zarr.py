@@ -103,6 +103,12 @@ def check_dtype(dtype: np.dtype, what: str = "image") -> None:
 def _open_zarr(path: Path) -> zarr.Group | zarr.Array:
     if not path.exists():
         raise UserInputError(f"no such file or directory: {path}", "check the path")
+    if path.is_file() and path.suffix.lower() in (".tif", ".tiff"):
+        raise UserInputError(
+            f"{path} is a TIFF file, not an OME-Zarr image",
+            f"convert it first, e.g. 'bioformats2raw {path} {path.with_suffix('.zarr')}', or in"
+            " Python with tifffile.imread and ome_zarr.writer.write_image",
+        )
     try:
         return zarr.open(store=str(path), mode="r")
     except Exception as error:  # zarr raises several types for a non-zarr folder
@@ -244,6 +250,17 @@ def check_output_path(
                 f"the output {path} is the input", "choose a different output path"
             )
     if path.exists() and not overwrite:
+        try:
+            status = run_status(path) if path.is_dir() else {}
+        except UserInputError:  # not a zarr store
+            status = {}
+        if status.get("status") == "incomplete":
+            stopped = f" ({status['stopped']})" if status.get("stopped") else ""
+            raise UserInputError(
+                f"output {path} holds an unfinished run{stopped}",
+                "rerun the same command with --resume to finish it, or pass --overwrite to start"
+                " again",
+            )
         raise UserInputError(
             f"output {path} already exists", "pass --overwrite to replace it or choose a new path"
         )
@@ -455,10 +472,53 @@ def check_complete(path: str | os.PathLike[str], command: str = "predict") -> No
     """Refuse a store that a run left incomplete, saying how to finish it."""
     status = run_status(path)
     if status.get("status") == "incomplete":
+        run = status.get("command", command)
+        if status.get("stopped"):
+            raise UserInputError(
+                f"{path} is incomplete: a {run} run stopped on {status['stopped']}",
+                "fix that, then finish it by rerunning the same command with --resume",
+            )
         raise UserInputError(
-            f"{path} is incomplete: a {status.get('command', command)} run was interrupted",
+            f"{path} is incomplete: a {run} run was interrupted",
             "finish it by rerunning the same command with --resume",
         )
+
+
+def sample_frames(image: OmeImage, count: int) -> np.ndarray:
+    """Up to ``count`` evenly spaced frame indices of the image."""
+    frames = image.canonical_shape[0]
+    return np.unique(np.linspace(0, frames - 1, min(frames, count)).round().astype(int))
+
+
+def sample_region(image: OmeImage, frame: int, side: int, depth: int) -> np.ndarray:
+    """The central crop of ``frame`` (at most ``side`` pixels per in-plane axis and ``depth``
+    planes), as (C, *spatial) float32: a cheap look at a large image."""
+    _, _, planes, height, width = image.canonical_shape
+    boxes = []
+    for size, limit in ((planes, depth), (height, side), (width, side)):
+        extent = min(size, limit)
+        start = (size - extent) // 2
+        boxes.append(slice(start, start + extent))
+    data = image.canonical()[frame][(slice(None), *boxes)]
+    values = np.asarray(data.compute(scheduler="synchronous"), dtype=np.float32)
+    return values if image.spatial_dims == 3 else values[:, 0]
+
+
+def check_sample_finite(image: OmeImage, frames: int = 8, side: int = 512) -> None:
+    """Refuse a floating-point image with NaN or Inf in a cheap sample of it (central crops of
+    a few frames), before anything is written; a run still checks every block it reads."""
+    if image.data.dtype.kind != "f":
+        return
+    for frame in sample_frames(image, frames):
+        values = sample_region(image, int(frame), side, side)
+        if not np.all(np.isfinite(values)):
+            found = " and ".join(
+                name for name, test in (("NaN", np.isnan), ("Inf", np.isinf)) if test(values).any()
+            )
+            raise UserInputError(
+                f"frame {frame} of {image.path} contains {found} values",
+                "replace them (e.g. with 0) before predicting",
+            )
 
 
 def chunk_grid(shape: Sequence[int], chunks: Sequence[int]) -> list[tuple[slice, ...]]:

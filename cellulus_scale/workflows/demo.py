@@ -12,6 +12,7 @@ from cellulus_scale.evaluation.evaluate import EvaluationReport, evaluate
 from cellulus_scale.io.ome_zarr import run_status
 from cellulus_scale.simulation.simulate import SimulationSpec
 from cellulus_scale.simulation.store import write_simulation
+from cellulus_scale.viz.snapshot import preview_frame
 from cellulus_scale.workflows.predict import predict
 
 
@@ -61,5 +62,6 @@ def run_demo(
         f"F1 {overall.f1:.3f}  SEG {overall.seg:.3f}  AP {overall.ap:.3f}  diameter estimated"
         f" {estimated:.1f} px (simulated {diameter:g})  ({seconds:.0f} s in all)"
     )
-    echo(f"Look at it: cellulus-scale preview {output} --frame 0 -o {directory / 'preview.png'}")
+    picture = preview_frame(output, 0, directory / "preview.png", truth=video)
+    echo(f"preview of frame 0 beside the ground truth: {picture}")
     return report

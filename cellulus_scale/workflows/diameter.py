@@ -32,19 +32,6 @@ class DiameterEstimate:
     frames: int
 
 
-def _sample_region(image: ome_zarr.OmeImage, frame: int) -> np.ndarray:
-    """The central crop (at most SAMPLE_SIDE per in-plane axis) of ``frame``, channels averaged."""
-    frames, channels, depth, height, width = image.canonical_shape
-    boxes = []
-    for size, limit in ((depth, SAMPLE_DEPTH), (height, SAMPLE_SIDE), (width, SAMPLE_SIDE)):
-        side = min(size, limit)
-        start = (size - side) // 2
-        boxes.append(slice(start, start + side))
-    data = image.canonical()[frame][(slice(None), *boxes)]
-    values = np.asarray(data.compute(scheduler="synchronous"), dtype=np.float32).mean(axis=0)
-    return values if image.spatial_dims == 3 else values[0]
-
-
 def estimate_diameter(
     image_path: str | os.PathLike[str], axes: str | None = None, voxel_size=None
 ) -> DiameterEstimate:
@@ -53,9 +40,11 @@ def estimate_diameter(
     (:func:`~cellulus_scale.kernels.diameter.object_area_and_count`). ``voxel_size``: the
     spatial axes' steps in in-plane pixels (3D: the z step matters)."""
     image = ome_zarr.open_image(image_path, axes)
-    frames = image.canonical_shape[0]
-    picked = np.unique(np.linspace(0, frames - 1, min(frames, SAMPLE_FRAMES)).round().astype(int))
-    regions = [_sample_region(image, int(t)) for t in picked]
+    picked = ome_zarr.sample_frames(image, SAMPLE_FRAMES)
+    regions = [
+        ome_zarr.sample_region(image, int(t), SAMPLE_SIDE, SAMPLE_DEPTH).mean(axis=0)
+        for t in picked
+    ]
     pooled = np.concatenate([r.ravel()[:: max(1, r.size // 200_000)] for r in regions])
     low, high = np.percentile(pooled, [1.0, 99.8])
     if not np.isfinite([low, high]).all() or high <= low:

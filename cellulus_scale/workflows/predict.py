@@ -104,6 +104,7 @@ def predict(
         choose_device(device)  # refuses where no CUDA GPU is available
     if not resume:
         ome_zarr.check_output_path(output_path, overwrite, inputs=[image.path])
+    ome_zarr.check_sample_finite(image)  # before anything is written
     self_training = None
     if model_path is None and method == "cellulus":
         for choice in PRESETS.values() if preset == AUTO_PRESET else (PRESETS[preset],):
@@ -310,12 +311,16 @@ def run_method(
     status complete) once the cluster is closed."""
     details = dict(details or {})
     with run_session(plan, image, options, features, method.network) as session:
-        if self_training is not None:
-            checkpoint = train_on_input(session, self_training, options.resume)
-            check_compatible(
-                checkpoint, image.spatial_dims, image.canonical_shape[1], str(image.path)
-            )
-        result = method.run(session, checkpoint)
+        try:
+            if self_training is not None:
+                checkpoint = train_on_input(session, self_training, options.resume)
+                check_compatible(
+                    checkpoint, image.spatial_dims, image.canonical_shape[1], str(image.path)
+                )
+            result = method.run(session, checkpoint)
+        except UserInputError as error:  # bad input met by a task: say so in the output
+            stopped_on(session, error)
+            raise
     start = time.perf_counter()
     if self_training is not None:
         details["model"] = str(keep_model(self_training.model_path, Path(plan.output_path)))
@@ -337,6 +342,12 @@ def run_method(
         session.recomputed,
         session.timings,
     )
+
+
+def stopped_on(session: Session, error: UserInputError) -> None:
+    """A problem of the input or the output stopped the run: the output records it, so that the
+    next command says to fix it and finish with --resume (or start again with --overwrite)."""
+    session.record(stopped=error.problem)
 
 
 def keep_model(model_path: Path, output: Path) -> Path:
