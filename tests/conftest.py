@@ -118,6 +118,30 @@ def layout_store(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Pa
     return get
 
 
+@pytest.fixture(scope="session")
+def predicted_layout(
+    tmp_path_factory: pytest.TempPathFactory,
+    layout_store: Callable[[str], Path],
+    run_cli: Callable[..., subprocess.CompletedProcess[str]],
+) -> Callable[[str], Path]:
+    """``predicted_layout(axes)``: the output of ``cellulus-scale predict --method watershed``
+    on ``layout_store(axes)``, computed once per session. Read-only."""
+    made: dict[str, Path] = {}
+
+    def get(axes: str) -> Path:
+        if axes not in made:
+            out = tmp_path_factory.mktemp(f"predicted_{axes}") / "out.zarr"
+            result = run_cli(
+                "predict", layout_store(axes), out, "--method", "watershed", "--diameter", "16",
+                "--workers", "1",
+            )  # fmt: skip
+            assert result.returncode == 0, result.stderr
+            made[axes] = out
+        return made[axes]
+
+    return get
+
+
 def tree_digest(path: Path) -> dict[str, str]:
     """SHA-256 of every file under ``path`` (or of ``path`` itself), keyed by relative path."""
     path = Path(path)

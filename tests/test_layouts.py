@@ -23,16 +23,9 @@ def _transforms(multiscale, level):
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
-def predicted(request, tmp_path_factory, layout_store, run_cli):
+def predicted(request, layout_store, predicted_layout):
     """(axes, input, output) of ``predict --method watershed`` on a layout."""
-    axes = request.param
-    source = layout_store(axes)
-    out = tmp_path_factory.mktemp(f"predicted_{axes}") / "out.zarr"
-    result = run_cli(
-        "predict", source, out, "--method", "watershed", "--diameter", "16", "--workers", "1"
-    )
-    assert result.returncode == 0, result.stderr
-    return axes, source, out
+    return request.param, layout_store(request.param), predicted_layout(request.param)
 
 
 def test_labels_drop_the_channel_axis_and_validate(predicted):
