@@ -339,6 +339,27 @@ def train_supervised(image: Path, model: Path, **options: Any) -> None:
 )
 @click.option("--scheduler", default=None, help="Address of a Dask scheduler (tcp:// or tls://).")
 @click.option(
+    "--scheduler-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The file 'dask scheduler --scheduler-file' wrote (HPC clusters), instead of --scheduler.",
+)
+@click.option(
+    "--tls-ca-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="tls:// schedulers: PEM certificate of the authority that signed the cluster's.",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="tls://: this client's PEM certificate.",
+)
+@click.option(
+    "--tls-key", type=click.Path(path_type=Path), default=None, help="tls://: its PEM private key."
+)
+@click.option(
     "--workers",
     type=int,
     default=None,

@@ -142,6 +142,19 @@ def predicted_layout(
     return get
 
 
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str) -> str:
+    """A command refused bad input: exit code 2, one line on stderr naming the problem and the
+    fix ("Error: problem; fix"), no traceback, every one of ``words`` in it; the line."""
+    assert result.returncode == 2, (result.returncode, result.stderr, result.stdout)
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: ") and "; " in lines[0], lines[0]
+    for word in words:
+        assert word.lower() in lines[0].lower(), (word, lines[0])
+    return lines[0]
+
+
 def tree_digest(path: Path) -> dict[str, str]:
     """SHA-256 of every file under ``path`` (or of ``path`` itself), keyed by relative path."""
     path = Path(path)

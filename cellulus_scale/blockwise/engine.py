@@ -62,6 +62,13 @@ class RunOptions:
     overwrite: bool = False
     resume: bool = False
     progress: bool = True
+    scheduler_file: str | None = None  # a Dask scheduler file naming the scheduler instead
+    tls: Any = None  # blockwise.cluster.TLSFiles for a tls:// scheduler
+
+    @property
+    def remote(self) -> bool:
+        """Whether the run uses a cluster started elsewhere."""
+        return self.scheduler is not None or self.scheduler_file is not None
 
 
 # --- markers: what is done, for --resume -----------------------------------------------------
@@ -231,9 +238,15 @@ def run_session(
     if options.client is not None:
         manager = contextlib.nullcontext(options.client)
     else:  # a local cluster: with a worker per GPU where the network runs on GPUs
-        uses_gpu = network and plan.device != "cpu" and options.scheduler is None
+        uses_gpu = network and plan.device != "cpu" and not options.remote
         gpus = local_gpu_count() if uses_gpu else 0
-        manager = dask_client(options.scheduler, options.workers, gpus=gpus)
+        manager = dask_client(
+            options.scheduler,
+            options.workers,
+            gpus=gpus,
+            scheduler_file=options.scheduler_file,
+            tls=options.tls,
+        )
     with manager as dask:
         if options.progress and dask.dashboard_link:
             print(f"Dask dashboard: {dask.dashboard_link}", flush=True)

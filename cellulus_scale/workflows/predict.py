@@ -70,9 +70,18 @@ def predict(
     client: Any = None,
     prob_threshold: float = default_of(SegmentationConfig, "prob_threshold"),
     nms_threshold: float = default_of(SegmentationConfig, "nms_threshold"),
+    scheduler_file: str | os.PathLike[str] | None = None,
+    tls_ca_file: str | os.PathLike[str] | None = None,
+    tls_cert: str | os.PathLike[str] | None = None,
+    tls_key: str | os.PathLike[str] | None = None,
 ) -> PredictResult:
     """Segment every frame of an OME-Zarr image blockwise on Dask; write ``out.zarr`` with a
-    copy of the image and the instance labels ``labels/cellulus`` (NGFF 0.4)."""
+    copy of the image and the instance labels ``labels/cellulus`` (NGFF 0.4).
+
+    The cluster: ``client`` if given; else the scheduler at ``scheduler`` or named by
+    ``scheduler_file`` (a ``tls://`` one with the PEM files ``tls_ca_file``, ``tls_cert`` and
+    ``tls_key``); else a local cluster of ``workers`` processes."""
+    connection = connection_options(scheduler, scheduler_file, tls_ca_file, tls_cert, tls_key)
     image = ome_zarr.open_image(input_path, axes)
     ome_zarr.check_complete(image.path)
     if device == "cuda":
@@ -89,7 +98,7 @@ def predict(
         prob_threshold=prob_threshold,
         nms_threshold=nms_threshold,
     )
-    options = RunOptions(scheduler, workers, client, overwrite, resume, progress)
+    options = RunOptions(scheduler, workers, client, overwrite, resume, progress, **connection)
     chosen, checkpoint = choose_method(method, model_path)
     settings = method_settings(image, model_path, segmentation, checkpoint)
     depth = checkpoint.model_config.depth if checkpoint is not None else 0
@@ -99,6 +108,25 @@ def predict(
         ome_zarr.check_output_path(plan.output_path, overwrite, inputs=[image.path])
     features = chosen.features(plan, save_embeddings)
     return run_method(chosen, plan, image, checkpoint, features, options)
+
+
+def connection_options(
+    scheduler: str | None,
+    scheduler_file: str | os.PathLike[str] | None,
+    tls_ca_file: str | os.PathLike[str] | None,
+    tls_cert: str | os.PathLike[str] | None,
+    tls_key: str | os.PathLike[str] | None,
+) -> dict[str, Any]:
+    """The :class:`RunOptions` fields that reach a cluster started elsewhere, checked before
+    anything is read (files present, a ``tls://`` address with its certificates)."""
+    from cellulus_scale.blockwise.cluster import TLSFiles, scheduler_address
+
+    tls = TLSFiles.from_options(tls_ca_file, tls_cert, tls_key)
+    scheduler_address(scheduler, scheduler_file, tls)
+    return {
+        "scheduler_file": str(scheduler_file) if scheduler_file is not None else None,
+        "tls": tls,
+    }
 
 
 def choose_method(
