@@ -360,6 +360,13 @@ def train_supervised(image: Path, model: Path, **options: Any) -> None:
     "--tls-key", type=click.Path(path_type=Path), default=None, help="tls://: its PEM private key."
 )
 @click.option(
+    "--slurm",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Run on SLURM jobs described by this YAML file (GPU and CPU jobs; see"
+    " 'cellulus-scale slurm-script'), submitted now and cancelled at the end.",
+)
+@click.option(
     "--workers",
     type=int,
     default=None,
@@ -472,6 +479,22 @@ def preview(store: Path, frame: int, labels: str, output: Path) -> None:
     from cellulus_scale.viz.snapshot import preview_frame
 
     click.echo(f"wrote {preview_frame(store, frame, output, labels)}")
+
+
+@main.command(
+    "slurm-script", epilog="\b\nExample:\n  cellulus-scale slurm-script cluster.yaml > review.txt"
+)
+@click.argument("config", type=click.Path(path_type=Path))
+@user_errors
+def slurm_script(config: Path) -> None:
+    """Print the sbatch scripts of the GPU and CPU jobs that 'predict --slurm CONFIG' submits,
+    for review; nothing is submitted.
+    """
+    from cellulus_scale.workflows.cluster import slurm_job_scripts
+
+    for kind, (jobs, script) in slurm_job_scripts(config).items():
+        click.echo(f"# --- {kind} jobs: {jobs} x sbatch of this script ---")
+        click.echo(script)
 
 
 @main.command(epilog="\b\nExample:\n  cellulus-scale demo demo_output --minutes 2")

@@ -175,12 +175,14 @@ def dask_client(
     gpus: int = 0,
     scheduler_file: str | os.PathLike[str] | None = None,
     tls: TLSFiles | None = None,
+    slurm: Any = None,
 ) -> Iterator[Client]:
     """A Dask client: on ``scheduler`` (``tcp://`` or ``tls://`` address, the latter with
     ``tls`` files) or the scheduler of ``scheduler_file`` if given, else on a local cluster
     listening on loopback of ``workers`` single-threaded processes (one per core by default,
     less those of the GPUs) and, with ``gpus``, processes per GPU for the network (see
-    :func:`gpu_cluster`)."""
+    :func:`gpu_cluster`); or, with ``slurm`` (a :class:`~cellulus_scale.blockwise.slurm.SlurmSpec`),
+    on SLURM jobs submitted for the run and cancelled after it."""
     if quiet:
         for name in (
             "distributed",
@@ -190,6 +192,14 @@ def dask_client(
             "distributed.comm.tcp",
         ):
             logging.getLogger(name).setLevel(logging.ERROR)
+    if slurm is not None:
+        if scheduler is not None or scheduler_file is not None or tls is not None:
+            raise UserInputError(
+                "--slurm starts its own scheduler", "drop --scheduler, --scheduler-file and --tls-*"
+            )
+        with slurm_client(slurm, quiet) as client:
+            yield client
+        return
     scheduler = scheduler_address(scheduler, scheduler_file, tls)
     if scheduler is not None:
         try:
@@ -241,6 +251,25 @@ def dask_client(
         yield client
     finally:
         client.close()
+        cluster.close()
+
+
+@contextlib.contextmanager
+def slurm_client(spec: Any, quiet: bool = True) -> Iterator[Client]:
+    """A client of a cluster of SLURM jobs (:mod:`cellulus_scale.blockwise.slurm`), once its
+    first workers (and a GPU worker where GPU jobs were asked for) have joined."""
+    from cellulus_scale.blockwise.slurm import slurm_cluster, wait_for_workers
+
+    cluster = slurm_cluster(spec, logging.CRITICAL if quiet else logging.WARNING)
+    try:
+        client = Client(cluster)
+        try:
+            wait_for_workers(client, spec)
+            check_versions(client, f"the SLURM jobs of {spec.source}")
+            yield client
+        finally:
+            client.close()
+    finally:
         cluster.close()
 
 

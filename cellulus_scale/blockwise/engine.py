@@ -64,11 +64,12 @@ class RunOptions:
     progress: bool = True
     scheduler_file: str | None = None  # a Dask scheduler file naming the scheduler instead
     tls: Any = None  # blockwise.cluster.TLSFiles for a tls:// scheduler
+    slurm: Any = None  # blockwise.slurm.SlurmSpec: a cluster of SLURM jobs for the run
 
     @property
     def remote(self) -> bool:
-        """Whether the run uses a cluster started elsewhere."""
-        return self.scheduler is not None or self.scheduler_file is not None
+        """Whether the run's workers are not local processes."""
+        return any(v is not None for v in (self.scheduler, self.scheduler_file, self.slurm))
 
 
 # --- markers: what is done, for --resume -----------------------------------------------------
@@ -246,6 +247,7 @@ def run_session(
             gpus=gpus,
             scheduler_file=options.scheduler_file,
             tls=options.tls,
+            slurm=options.slurm,
         )
     with manager as dask:
         if options.progress and dask.dashboard_link:

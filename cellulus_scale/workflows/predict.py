@@ -74,14 +74,18 @@ def predict(
     tls_ca_file: str | os.PathLike[str] | None = None,
     tls_cert: str | os.PathLike[str] | None = None,
     tls_key: str | os.PathLike[str] | None = None,
+    slurm: str | os.PathLike[str] | None = None,
 ) -> PredictResult:
     """Segment every frame of an OME-Zarr image blockwise on Dask; write ``out.zarr`` with a
     copy of the image and the instance labels ``labels/cellulus`` (NGFF 0.4).
 
     The cluster: ``client`` if given; else the scheduler at ``scheduler`` or named by
     ``scheduler_file`` (a ``tls://`` one with the PEM files ``tls_ca_file``, ``tls_cert`` and
-    ``tls_key``); else a local cluster of ``workers`` processes."""
-    connection = connection_options(scheduler, scheduler_file, tls_ca_file, tls_cert, tls_key)
+    ``tls_key``); else, with ``slurm`` (a ``cluster.yaml``), SLURM jobs submitted for the run;
+    else a local cluster of ``workers`` processes."""
+    connection = connection_options(
+        scheduler, scheduler_file, tls_ca_file, tls_cert, tls_key, slurm
+    )
     image = ome_zarr.open_image(input_path, axes)
     ome_zarr.check_complete(image.path)
     if device == "cuda":
@@ -116,16 +120,28 @@ def connection_options(
     tls_ca_file: str | os.PathLike[str] | None,
     tls_cert: str | os.PathLike[str] | None,
     tls_key: str | os.PathLike[str] | None,
+    slurm: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """The :class:`RunOptions` fields that reach a cluster started elsewhere, checked before
-    anything is read (files present, a ``tls://`` address with its certificates)."""
+    """The :class:`RunOptions` fields that reach a cluster started elsewhere or on SLURM,
+    checked before anything is read (files present, a ``tls://`` address with its
+    certificates, a valid ``cluster.yaml``)."""
     from cellulus_scale.blockwise.cluster import TLSFiles, scheduler_address
+    from cellulus_scale.blockwise.slurm import SlurmSpec
 
     tls = TLSFiles.from_options(tls_ca_file, tls_cert, tls_key)
-    scheduler_address(scheduler, scheduler_file, tls)
+    spec = None
+    if slurm is not None:
+        if scheduler is not None or scheduler_file is not None or tls is not None:
+            raise UserInputError(
+                "--slurm starts its own scheduler", "drop --scheduler, --scheduler-file and --tls-*"
+            )
+        spec = SlurmSpec.load(slurm)
+    else:
+        scheduler_address(scheduler, scheduler_file, tls)
     return {
         "scheduler_file": str(scheduler_file) if scheduler_file is not None else None,
         "tls": tls,
+        "slurm": spec,
     }
 
 
