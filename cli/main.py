@@ -482,6 +482,36 @@ def preview(store: Path, frame: int, labels: str, output: Path) -> None:
 
 
 @main.command(
+    epilog="\b\nExample:\n  cellulus-scale export segmented.zarr masks/   # mask000.tif ...,"
+    " measurements.csv"
+)
+@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--labels", default="cellulus", show_default=True, help="Label image to export.")
+@click.option("--masks/--no-masks", default=True, help="One TIFF per frame (mask000.tif, ...).")
+@click.option(
+    "--measurements/--no-measurements",
+    default=True,
+    help="measurements.csv: frame, label, centroid, area, mean intensity per channel.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing export in FOLDER.")
+@user_errors
+def export(store: Path, folder: Path, **options: Any) -> None:
+    """Export the labels of STORE as one TIFF per frame (as Cellpose, StarDist and the Cell
+    Tracking Challenge use them) and a CSV of per-object measurements, into FOLDER.
+    """
+    from cellulus_scale.workflows.export import export as run_export
+
+    result = run_export(store, folder, **options)
+    what = []
+    if result.masks:
+        what.append(f"{len(result.masks)} masks ({result.masks[0].name} ...)")
+    if result.measurements is not None:
+        what.append(f"{result.measurements.name} ({result.objects} rows)")
+    click.echo(f"wrote {' and '.join(what)} to {result.folder}")
+
+
+@main.command(
     "slurm-script", epilog="\b\nExample:\n  cellulus-scale slurm-script cluster.yaml > review.txt"
 )
 @click.argument("config", type=click.Path(path_type=Path))
