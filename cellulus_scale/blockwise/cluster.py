@@ -166,6 +166,40 @@ def scheduler_address(
     return address
 
 
+def _only_slurm(scheduler: object, scheduler_file: object, tls: object) -> None:
+    if scheduler is not None or scheduler_file is not None or tls is not None:
+        raise UserInputError(
+            "--slurm starts its own scheduler", "drop --scheduler, --scheduler-file and --tls-*"
+        )
+
+
+def connection_options(
+    scheduler: str | None,
+    scheduler_file: str | os.PathLike[str] | None,
+    tls_ca_file: str | os.PathLike[str] | None,
+    tls_cert: str | os.PathLike[str] | None,
+    tls_key: str | os.PathLike[str] | None,
+    slurm: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """The ``RunOptions`` fields (besides ``scheduler``) that reach a cluster started elsewhere
+    or on SLURM, checked before anything is read: files present, a ``tls://`` address with its
+    certificates, a valid ``cluster.yaml``."""
+    from cellulus_scale.blockwise.slurm import SlurmSpec
+
+    tls = TLSFiles.from_options(tls_ca_file, tls_cert, tls_key)
+    spec = None
+    if slurm is not None:
+        _only_slurm(scheduler, scheduler_file, tls)
+        spec = SlurmSpec.load(slurm)
+    else:
+        scheduler_address(scheduler, scheduler_file, tls)
+    return {
+        "scheduler_file": str(scheduler_file) if scheduler_file is not None else None,
+        "tls": tls,
+        "slurm": spec,
+    }
+
+
 @contextlib.contextmanager
 def dask_client(
     scheduler: str | None = None,
@@ -193,10 +227,7 @@ def dask_client(
         ):
             logging.getLogger(name).setLevel(logging.ERROR)
     if slurm is not None:
-        if scheduler is not None or scheduler_file is not None or tls is not None:
-            raise UserInputError(
-                "--slurm starts its own scheduler", "drop --scheduler, --scheduler-file and --tls-*"
-            )
+        _only_slurm(scheduler, scheduler_file, tls)
         with slurm_client(slurm, quiet) as client:
             yield client
         return

@@ -83,6 +83,8 @@ def predict(
     ``scheduler_file`` (a ``tls://`` one with the PEM files ``tls_ca_file``, ``tls_cert`` and
     ``tls_key``); else, with ``slurm`` (a ``cluster.yaml``), SLURM jobs submitted for the run;
     else a local cluster of ``workers`` processes."""
+    from cellulus_scale.blockwise.cluster import connection_options
+
     connection = connection_options(
         scheduler, scheduler_file, tls_ca_file, tls_cert, tls_key, slurm
     )
@@ -112,37 +114,6 @@ def predict(
         ome_zarr.check_output_path(plan.output_path, overwrite, inputs=[image.path])
     features = chosen.features(plan, save_embeddings)
     return run_method(chosen, plan, image, checkpoint, features, options)
-
-
-def connection_options(
-    scheduler: str | None,
-    scheduler_file: str | os.PathLike[str] | None,
-    tls_ca_file: str | os.PathLike[str] | None,
-    tls_cert: str | os.PathLike[str] | None,
-    tls_key: str | os.PathLike[str] | None,
-    slurm: str | os.PathLike[str] | None = None,
-) -> dict[str, Any]:
-    """The :class:`RunOptions` fields that reach a cluster started elsewhere or on SLURM,
-    checked before anything is read (files present, a ``tls://`` address with its
-    certificates, a valid ``cluster.yaml``)."""
-    from cellulus_scale.blockwise.cluster import TLSFiles, scheduler_address
-    from cellulus_scale.blockwise.slurm import SlurmSpec
-
-    tls = TLSFiles.from_options(tls_ca_file, tls_cert, tls_key)
-    spec = None
-    if slurm is not None:
-        if scheduler is not None or scheduler_file is not None or tls is not None:
-            raise UserInputError(
-                "--slurm starts its own scheduler", "drop --scheduler, --scheduler-file and --tls-*"
-            )
-        spec = SlurmSpec.load(slurm)
-    else:
-        scheduler_address(scheduler, scheduler_file, tls)
-    return {
-        "scheduler_file": str(scheduler_file) if scheduler_file is not None else None,
-        "tls": tls,
-        "slurm": spec,
-    }
 
 
 def choose_method(
