@@ -2,8 +2,9 @@
 
 The functions behind the commands can be imported from here, e.g. ``from cellulus_scale import
 predict``: ``write_simulation``, ``train``, ``train_supervised``, ``predict``, ``evaluate``,
-``preview_frame`` and ``run_demo`` (with ``SimulationSpec``). Each is imported from its module
-when first used, so importing the package imports neither torch nor Dask.
+``preview_frame``, ``export``, ``run_demo`` (with ``SimulationSpec``) and ``slurm_job_scripts``.
+Each is imported from its module when first used, so importing the package imports neither
+torch nor Dask.
 """
 
 from __future__ import annotations
@@ -21,17 +22,21 @@ _PUBLIC = {
     "train_supervised": "cellulus_scale.training.stardist",
     "predict": "cellulus_scale.workflows.predict",
     "evaluate": "cellulus_scale.evaluation.evaluate",
+    "export": "cellulus_scale.workflows.export",
     "preview_frame": "cellulus_scale.viz.snapshot",
     "run_demo": "cellulus_scale.workflows.demo",
+    "slurm_job_scripts": "cellulus_scale.workflows.cluster",
 }
 
 __all__ = [
     "SimulationSpec",
     "__version__",
     "evaluate",
+    "export",
     "predict",
     "preview_frame",
     "run_demo",
+    "slurm_job_scripts",
     "train",
     "train_supervised",
     "write_simulation",
@@ -44,7 +49,9 @@ if TYPE_CHECKING:
     from cellulus_scale.training.oce import train
     from cellulus_scale.training.stardist import train_supervised
     from cellulus_scale.viz.snapshot import preview_frame
+    from cellulus_scale.workflows.cluster import slurm_job_scripts
     from cellulus_scale.workflows.demo import run_demo
+    from cellulus_scale.workflows.export import export
     from cellulus_scale.workflows.predict import predict
 
 

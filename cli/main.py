@@ -365,6 +365,34 @@ def train_supervised(image: Path, model: Path, **options: Any) -> None:
 )
 @click.option("--scheduler", default=None, help="Address of a Dask scheduler (tcp:// or tls://).")
 @click.option(
+    "--scheduler-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The file 'dask scheduler --scheduler-file' wrote (HPC clusters), instead of --scheduler.",
+)
+@click.option(
+    "--tls-ca-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="tls:// schedulers: PEM certificate of the authority that signed the cluster's.",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="tls://: this client's PEM certificate.",
+)
+@click.option(
+    "--tls-key", type=click.Path(path_type=Path), default=None, help="tls://: its PEM private key."
+)
+@click.option(
+    "--slurm",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Run on SLURM jobs described by this YAML file (GPU and CPU jobs; see"
+    " 'cellulus-scale slurm-script'), submitted now and cancelled at the end.",
+)
+@click.option(
     "--workers",
     type=int,
     default=None,
@@ -481,6 +509,52 @@ def preview(store: Path, frame: int, labels: str, truth: Path | None, output: Pa
     from cellulus_scale.viz.snapshot import preview_frame
 
     click.echo(f"wrote {preview_frame(store, frame, output, labels, truth=truth)}")
+
+
+@main.command(
+    epilog="\b\nExample:\n  cellulus-scale export segmented.zarr masks/   # mask000.tif ...,"
+    " measurements.csv"
+)
+@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--labels", default="cellulus", show_default=True, help="Label image to export.")
+@click.option("--masks/--no-masks", default=True, help="One TIFF per frame (mask000.tif, ...).")
+@click.option(
+    "--measurements/--no-measurements",
+    default=True,
+    help="measurements.csv: frame, label, centroid, area, mean intensity per channel.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing export in FOLDER.")
+@user_errors
+def export(store: Path, folder: Path, **options: Any) -> None:
+    """Export the labels of STORE as one TIFF per frame (as Cellpose, StarDist and the Cell
+    Tracking Challenge use them) and a CSV of per-object measurements, into FOLDER.
+    """
+    from cellulus_scale.workflows.export import export as run_export
+
+    result = run_export(store, folder, **options)
+    what = []
+    if result.masks:
+        what.append(f"{len(result.masks)} masks ({result.masks[0].name} ...)")
+    if result.measurements is not None:
+        what.append(f"{result.measurements.name} ({result.objects} rows)")
+    click.echo(f"wrote {' and '.join(what)} to {result.folder}")
+
+
+@main.command(
+    "slurm-script", epilog="\b\nExample:\n  cellulus-scale slurm-script cluster.yaml > review.txt"
+)
+@click.argument("config", type=click.Path(path_type=Path))
+@user_errors
+def slurm_script(config: Path) -> None:
+    """Print the sbatch scripts of the GPU and CPU jobs that 'predict --slurm CONFIG' submits,
+    for review; nothing is submitted.
+    """
+    from cellulus_scale.workflows.cluster import slurm_job_scripts
+
+    for kind, (jobs, script) in slurm_job_scripts(config).items():
+        click.echo(f"# --- {kind} jobs: {jobs} x sbatch of this script ---")
+        click.echo(script)
 
 
 @main.command(epilog="\b\nExample:\n  cellulus-scale demo demo_output --minutes 2")

@@ -62,6 +62,14 @@ class RunOptions:
     overwrite: bool = False
     resume: bool = False
     progress: bool = True
+    scheduler_file: str | None = None  # a Dask scheduler file naming the scheduler instead
+    tls: Any = None  # blockwise.cluster.TLSFiles for a tls:// scheduler
+    slurm: Any = None  # blockwise.slurm.SlurmSpec: a cluster of SLURM jobs for the run
+
+    @property
+    def remote(self) -> bool:
+        """Whether the run's workers are not local processes."""
+        return any(v is not None for v in (self.scheduler, self.scheduler_file, self.slurm))
 
 
 # --- markers: what is done, for --resume -----------------------------------------------------
@@ -232,13 +240,20 @@ def run_session(
     if options.client is not None:
         manager = contextlib.nullcontext(options.client)
     else:  # a local cluster: with a worker per GPU where the network runs on GPUs
-        uses_gpu = network and plan.device != "cpu" and options.scheduler is None
+        uses_gpu = network and plan.device != "cpu" and not options.remote
         gpus = local_gpu_count() if uses_gpu else 0
-        manager = dask_client(options.scheduler, options.workers, gpus=gpus)
+        manager = dask_client(
+            options.scheduler,
+            options.workers,
+            gpus=gpus,
+            scheduler_file=options.scheduler_file,
+            tls=options.tls,
+            slurm=options.slurm,
+        )
     with manager as dask:
         if options.progress and dask.dashboard_link:
             print(f"Dask dashboard: {dask.dashboard_link}", flush=True)
         plan = replace(plan, torch_threads=threads_per_host(dask))
         root = prepare_output(plan, image, options.overwrite, options.resume, features)
-        local = options.client is None and options.scheduler is None
+        local = options.client is None and not options.remote
         yield Session(dask, plan, image, root, options.progress, local)

@@ -87,6 +87,11 @@ def predict(
     train_minutes: float | None = None,
     preset: str = AUTO_PRESET,
     train_epochs: int | None = None,
+    scheduler_file: str | os.PathLike[str] | None = None,
+    tls_ca_file: str | os.PathLike[str] | None = None,
+    tls_cert: str | os.PathLike[str] | None = None,
+    tls_key: str | os.PathLike[str] | None = None,
+    slurm: str | os.PathLike[str] | None = None,
 ) -> PredictResult:
     """Segment every frame of an OME-Zarr image blockwise on Dask; write ``out.zarr`` with a
     copy of the image and the instance labels ``labels/cellulus`` (NGFF 0.4).
@@ -97,7 +102,17 @@ def predict(
     schedule on a GPU) and kept as ``OUT.zarr/model.pt``. Without ``diameter`` the typical
     object diameter is estimated from the image
     (:func:`~cellulus_scale.workflows.diameter.estimate_diameter`). Both are recorded in the
-    output's metadata."""
+    output's metadata.
+
+    The cluster: ``client`` if given; else the scheduler at ``scheduler`` or named by
+    ``scheduler_file`` (a ``tls://`` one with the PEM files ``tls_ca_file``, ``tls_cert`` and
+    ``tls_key``); else, with ``slurm`` (a ``cluster.yaml``), SLURM jobs submitted for the run;
+    else a local cluster of ``workers`` processes."""
+    from cellulus_scale.blockwise.cluster import connection_options
+
+    connection = connection_options(
+        scheduler, scheduler_file, tls_ca_file, tls_cert, tls_key, slurm
+    )
     image = ome_zarr.open_image(input_path, axes)
     ome_zarr.check_complete(image.path)
     if device == "cuda":
@@ -140,7 +155,7 @@ def predict(
         prob_threshold=prob_threshold,
         nms_threshold=nms_threshold,
     )
-    options = RunOptions(scheduler, workers, client, overwrite, resume, progress)
+    options = RunOptions(scheduler, workers, client, overwrite, resume, progress, **connection)
     if self_training is not None:
         chosen, checkpoint = oce.METHOD, None
         depth = PRESETS["paper" if preset == AUTO_PRESET else preset].model.depth
