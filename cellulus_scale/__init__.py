@@ -2,9 +2,9 @@
 
 The functions behind the commands can be imported from here, e.g. ``from cellulus_scale import
 predict``: ``write_simulation``, ``train``, ``train_supervised``, ``predict``, ``link``,
-``evaluate``, ``evaluate_tracks``, ``export_ctc``, ``preview_frame`` and ``run_demo`` (with
-``SimulationSpec``). Each is imported from its module
-when first used, so importing the package imports neither torch nor Dask.
+``evaluate``, ``evaluate_tracks``, ``export_ctc``, ``preview_frame``, ``export``,
+``run_demo`` (with ``SimulationSpec``) and ``slurm_job_scripts``. Each is imported from its
+module when first used, so importing the package imports neither torch nor Dask.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ _PUBLIC = {
     "evaluate": "cellulus_scale.evaluation.evaluate",
     "evaluate_tracks": "cellulus_scale.evaluation.tracks",
     "export_ctc": "cellulus_scale.tracking.export",
+    "export": "cellulus_scale.workflows.export",
     "preview_frame": "cellulus_scale.viz.snapshot",
     "run_demo": "cellulus_scale.workflows.demo",
+    "slurm_job_scripts": "cellulus_scale.workflows.cluster",
 }
 
 __all__ = [
@@ -36,9 +38,11 @@ __all__ = [
     "evaluate_tracks",
     "export_ctc",
     "link",
+    "export",
     "predict",
     "preview_frame",
     "run_demo",
+    "slurm_job_scripts",
     "train",
     "train_supervised",
     "write_simulation",
@@ -53,7 +57,9 @@ if TYPE_CHECKING:
     from cellulus_scale.training.oce import train
     from cellulus_scale.training.stardist import train_supervised
     from cellulus_scale.viz.snapshot import preview_frame
+    from cellulus_scale.workflows.cluster import slurm_job_scripts
     from cellulus_scale.workflows.demo import run_demo
+    from cellulus_scale.workflows.export import export
     from cellulus_scale.workflows.link import link
     from cellulus_scale.workflows.predict import predict
 

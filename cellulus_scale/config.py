@@ -122,6 +122,10 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 
+#: ``predict`` without ``--model`` trains on its input; on a CPU within this many minutes by
+#: default (with the cpu preset: its whole schedule for images up to a few megapixels).
+SELF_TRAINING_CPU_MINUTES = 10.0
+
 #: ``--preset auto``: the paper's settings where a GPU trains, the cpu preset elsewhere.
 AUTO_PRESET = "auto"
 

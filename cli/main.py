@@ -286,8 +286,8 @@ def train_supervised(image: Path, model: Path, **options: Any) -> None:
 
 
 @main.command(
-    epilog="\b\nExample:\n  cellulus-scale predict demo.zarr segmented.zarr --model model.pt"
-    " --diameter 24"
+    epilog="\b\nExamples:\n  cellulus-scale predict video.zarr segmented.zarr\n"
+    "  cellulus-scale predict video.zarr segmented.zarr --model model.pt --diameter 24"
 )
 @click.argument("image", type=click.Path(path_type=Path))
 @click.argument("output", type=click.Path(path_type=Path))
@@ -296,9 +296,35 @@ def train_supervised(image: Path, model: Path, **options: Any) -> None:
     "model",
     type=click.Path(path_type=Path),
     default=None,
-    help="Checkpoint from 'train' or 'train-supervised' (not needed for --method watershed).",
+    help="Checkpoint from 'train' or 'train-supervised'; without it a model is trained on IMAGE"
+    " first and kept as OUTPUT/model.pt.",
 )
-@click.option("--diameter", type=float, required=True, help="Typical object diameter in pixels.")
+@click.option(
+    "--diameter",
+    type=float,
+    default=None,
+    help="Typical object diameter in pixels (default: estimated from the image).",
+)
+@click.option(
+    "--train-minutes",
+    type=float,
+    default=None,
+    help="Without --model: the training's time budget (default: 10 on a CPU, the preset's"
+    " schedule on a GPU).",
+)
+@click.option(
+    "--preset",
+    type=click.Choice(["auto", "paper", "cpu"]),
+    default="auto",
+    show_default=True,
+    help="Without --model: the training preset (auto: paper on a GPU, cpu elsewhere).",
+)
+@click.option(
+    "--train-epochs",
+    type=int,
+    default=None,
+    help="Without --model: train this many epochs (default: the preset's).",
+)
 @click.option(
     "--method",
     type=click.Choice(["cellulus", "watershed"]),
@@ -339,10 +365,38 @@ def train_supervised(image: Path, model: Path, **options: Any) -> None:
 )
 @click.option("--scheduler", default=None, help="Address of a Dask scheduler (tcp:// or tls://).")
 @click.option(
+    "--scheduler-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The file 'dask scheduler --scheduler-file' wrote (HPC clusters), instead of --scheduler.",
+)
+@click.option(
+    "--tls-ca-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="tls:// schedulers: PEM certificate of the authority that signed the cluster's.",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="tls://: this client's PEM certificate.",
+)
+@click.option(
+    "--tls-key", type=click.Path(path_type=Path), default=None, help="tls://: its PEM private key."
+)
+@click.option(
+    "--slurm",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Run on SLURM jobs described by this YAML file (GPU and CPU jobs; see"
+    " 'cellulus-scale slurm-script'), submitted now and cancelled at the end.",
+)
+@click.option(
     "--workers",
     type=int,
     default=None,
-    help="Local CPU workers (default: one per core, less one per GPU; each GPU gets one more"
+    help="Local CPU workers (default: one per core, less four per GPU; each GPU gets four more"
     " worker that runs the network).",
 )
 @click.option(
@@ -397,14 +451,11 @@ def train_supervised(image: Path, model: Path, **options: Any) -> None:
 @user_errors
 def predict(image: Path, output: Path, model: Path | None, **options: Any) -> None:
     """Segment every frame of IMAGE blockwise on Dask; write OUTPUT (.zarr) with a copy of the
-    image and the labels 'labels/cellulus'.
+    image and the labels 'labels/cellulus'. Without --model, train on IMAGE first; without
+    --diameter, estimate it.
     """
-    from cellulus_scale.workflows.predict import predict as run_prediction
+    from cellulus_scale import predict as run_prediction
 
-    if options["method"] == "cellulus" and model is None:
-        raise UserInputError(
-            "--model is missing", "pass --model MODEL.pt from 'cellulus-scale train'"
-        )
     result = run_prediction(image, output, model, **options)
     total = sum(result.seconds.values())
     redone = ", ".join(
@@ -426,9 +477,7 @@ def _report_tracks(store: Path, tracks: dict[str, Any]) -> None:
     )
 
 
-@main.command(
-    epilog="\b\nExample:\n  cellulus-scale link segmented.zarr --max-gap 2"
-)
+@main.command(epilog="\b\nExample:\n  cellulus-scale link segmented.zarr --max-gap 2")
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option(
     "--labels",
@@ -569,6 +618,12 @@ def evaluate(
 @click.option("--frame", type=int, default=0, show_default=True)
 @click.option("--labels", default="cellulus", show_default=True)
 @click.option(
+    "--truth",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A store with labels/ground_truth to show beside (default: STORE's own, if any).",
+)
+@click.option(
     "-o",
     "--output",
     type=click.Path(path_type=Path),
@@ -576,22 +631,75 @@ def evaluate(
     show_default=True,
 )
 @user_errors
-def preview(store: Path, frame: int, labels: str, output: Path) -> None:
-    """Draw one frame with instance outlines in distinct colours to a PNG."""
+def preview(store: Path, frame: int, labels: str, truth: Path | None, output: Path) -> None:
+    """Draw one frame with instance outlines in distinct colours to a PNG, and the ground truth
+    beside it where there is one."""
     from cellulus_scale.viz.snapshot import preview_frame
 
-    click.echo(f"wrote {preview_frame(store, frame, output, labels)}")
+    click.echo(f"wrote {preview_frame(store, frame, output, labels, truth=truth)}")
+
+
+@main.command(
+    epilog="\b\nExample:\n  cellulus-scale export segmented.zarr masks/   # mask000.tif ...,"
+    " measurements.csv"
+)
+@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--labels", default="cellulus", show_default=True, help="Label image to export.")
+@click.option("--masks/--no-masks", default=True, help="One TIFF per frame (mask000.tif, ...).")
+@click.option(
+    "--measurements/--no-measurements",
+    default=True,
+    help="measurements.csv: frame, label, centroid, area, mean intensity per channel.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing export in FOLDER.")
+@user_errors
+def export(store: Path, folder: Path, **options: Any) -> None:
+    """Export the labels of STORE as one TIFF per frame (as Cellpose, StarDist and the Cell
+    Tracking Challenge use them) and a CSV of per-object measurements, into FOLDER.
+    """
+    from cellulus_scale.workflows.export import export as run_export
+
+    result = run_export(store, folder, **options)
+    what = []
+    if result.masks:
+        what.append(f"{len(result.masks)} masks ({result.masks[0].name} ...)")
+    if result.measurements is not None:
+        what.append(f"{result.measurements.name} ({result.objects} rows)")
+    click.echo(f"wrote {' and '.join(what)} to {result.folder}")
+
+
+@main.command(
+    "slurm-script", epilog="\b\nExample:\n  cellulus-scale slurm-script cluster.yaml > review.txt"
+)
+@click.argument("config", type=click.Path(path_type=Path))
+@user_errors
+def slurm_script(config: Path) -> None:
+    """Print the sbatch scripts of the GPU and CPU jobs that 'predict --slurm CONFIG' submits,
+    for review; nothing is submitted.
+    """
+    from cellulus_scale.workflows.cluster import slurm_job_scripts
+
+    for kind, (jobs, script) in slurm_job_scripts(config).items():
+        click.echo(f"# --- {kind} jobs: {jobs} x sbatch of this script ---")
+        click.echo(script)
 
 
 @main.command(epilog="\b\nExample:\n  cellulus-scale demo demo_output --minutes 2")
 @click.argument("directory", type=click.Path(path_type=Path), default=Path("demo_output"))
 @click.option("--frames", default=6, show_default=True)
 @click.option("--size", default=256, show_default=True, help="Frame side in pixels.")
-@click.option("--minutes", default=2.0, show_default=True, help="Training time budget.")
+@click.option(
+    "--minutes",
+    default=30.0,
+    show_default=True,
+    help="Safety limit on the training (it runs the preset's epochs, the same on every machine).",
+)
 @click.option("--seed", default=0, show_default=True)
 @user_errors
 def demo(directory: Path, frames: int, size: int, minutes: float, seed: int) -> None:
-    """Simulate, train (cpu preset), predict and evaluate, through the real pipeline."""
+    """Simulate a video, then 'cellulus-scale predict VIDEO OUT' with nothing else given (train
+    on it, estimate the diameter, predict), then evaluate: the real pipeline end to end."""
     from cellulus_scale.workflows.demo import run_demo
 
     run_demo(directory, frames=frames, size=size, minutes=minutes, seed=seed, echo=click.echo)

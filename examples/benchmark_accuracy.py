@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from real_data import sample_fields
 
 from cellulus_scale.evaluation.evaluate import evaluate
 from cellulus_scale.evaluation.metrics import overlap_table
@@ -135,6 +136,8 @@ def parse_variant(text: str) -> dict:
 
 def real_rows(args: argparse.Namespace, folder: Path) -> None:
     video = Path(args.real).resolve()
+    if args.fields:
+        video = sample_fields(video, args.fields, folder)
     name = video.stem
     frames = ome_zarr.open_image(video).canonical_shape[0]
     print(f"\n{name}: {frames} fields, diameter {args.diameter:g}, preset {args.preset}\n")
@@ -192,13 +195,18 @@ def main() -> None:
     parser.add_argument("--real", default=None, help="an OME-Zarr image with ground truth")
     parser.add_argument("--diameter", type=float, default=28.0, help="of the real set's nuclei")
     parser.add_argument(
+        "--fields", type=int, default=None, help="train and score on this many evenly spaced fields"
+    )
+    parser.add_argument(
         "--variant",
         action="append",
         default=[],
         help="predict options of an extra real row, e.g. 'tta=32' or 'mode=cell,min_contrast=off'",
     )
     parser.add_argument(
-        "--epochs-list", type=lambda t: [int(v) for v in t.split(",")], default=[],
+        "--epochs-list",
+        type=lambda t: [int(v) for v in t.split(",")],
+        default=[],
         help="extra real rows trained for these epochs, e.g. 2,5,20",
     )
     parser.add_argument("--simulated", action="store_true", help="the simulated rows")

@@ -420,6 +420,24 @@ def test_checkpoints_of_other_models_damaged_or_foreign(
     assert digest(simulated_store) == before
 
 
+def test_checkpoints_are_not_loaded_with_an_unsafe_torch(
+    tmp_path, simulated_store, model, cli_runner, monkeypatch
+):
+    """torch.load(weights_only=True) can run code from a crafted file before torch 2.10."""
+    import torch
+
+    monkeypatch.setattr(torch, "__version__", "2.9.1+cpu")
+    out = tmp_path / "out.zarr"
+    refused_in_process(
+        cli_runner,
+        ["predict", simulated_store, out, "--model", model, *QUICK],
+        "torch 2.9.1+cpu is older than 2.10",
+        "CVE-2026-24747",
+        "torch>=2.10",
+    )
+    assert not out.exists()
+
+
 # --- image values ----------------------------------------------------------------------------
 
 

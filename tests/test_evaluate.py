@@ -205,8 +205,20 @@ def test_preview_frame_writes_png(tmp_path):
     out = preview_frame(tmp_path / "a.zarr", 1, tmp_path / "frame.png")
     assert out == tmp_path / "frame.png" and out.exists()
     png = imread(out)
-    # 64 x 80 is enlarged 3x (long side to at least 256 px) under a 24 px title band.
-    assert png.shape[:2] == (64 * 3 + 24, 80 * 3)
+    # 64 x 80 is enlarged 9x (long side to at least 768 px) under a 24 px title band.
+    assert png.shape[:2] == (64 * 9 + 24, 80 * 9)
+
+
+def test_preview_frame_shows_the_ground_truth_beside(tmp_path):
+    truth = _truth(shape=(64, 80))
+    _store(tmp_path / "a.zarr", {"cellulus": truth, "ground_truth": truth})
+    png = imread(preview_frame(tmp_path / "a.zarr", 0, tmp_path / "both.png"))
+    assert png.shape[:2] == (64 * 9 + 24, 2 * 80 * 9 + 8)
+    _store(tmp_path / "b.zarr", {"cellulus": truth})  # the truth of another store
+    png = imread(
+        preview_frame(tmp_path / "b.zarr", 0, tmp_path / "b.png", truth=tmp_path / "a.zarr")
+    )
+    assert png.shape[:2] == (64 * 9 + 24, 2 * 80 * 9 + 8)
 
 
 def test_preview_frame_3d(tmp_path):
@@ -214,7 +226,7 @@ def test_preview_frame_3d(tmp_path):
     truth[:, :, 50:150, 50:150] = 4
     _store(tmp_path / "a.zarr", {"seg": truth}, axes="tzyx")
     out = preview_frame(tmp_path / "a.zarr", 0, tmp_path / "z.png", labels="seg")
-    assert imread(out).shape[:2] == (300 + 24, 260)
+    assert imread(out).shape[:2] == (2 * 300 + 24, 2 * 260)
 
 
 def test_preview_frame_refusals(tmp_path):

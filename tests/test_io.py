@@ -13,6 +13,7 @@ from cellulus_scale.cli.main import main
 from ome_zarr.format import FormatV04
 from ome_zarr.io import parse_url
 from ome_zarr.reader import Label, Reader
+from ome_zarr.scale import Methods, method_dispatch
 from ome_zarr.writer import write_image as ome_write_image
 from ome_zarr.writer import write_labels as ome_write_labels
 from ome_zarr_models.v04 import Image, ImageLabel, Labels
@@ -154,16 +155,35 @@ def test_round_trip_image_and_labels(tmp_path, axes):
     truth = ome_io.open_labels(path, "gt")
     assert (truth.axes, truth.scale) == (axes, scale)
     np.testing.assert_array_equal(truth.data.compute(), labels)
-    assert ome_io.label_axes_shape(opened) == (axes, labels.shape)
+    # label images made for this image drop its channel axis (README, "Data layout")
+    no_c = tuple(s for a, s in zip(axes, image.shape, strict=True) if a != "c")
+    assert ome_io.label_axes_shape(opened) == (axes.replace("c", ""), no_c)
 
-    # Pyramids: 2x in y and x only, by taking pixels; no new label values.
-    for group, base in ((root, image), (root["labels"]["gt"], labels)):
-        datasets = group.attrs["multiscales"][0]["datasets"]
+    # Pyramids: 2x in y and x only; the image's anti-aliased with ome-zarr-py's own resize
+    # (chunk by chunk), the labels' by taking pixels (no new label values).
+    resize = method_dispatch[Methods.RESIZE]
+    for group, base, kind in ((root, image, "resize"), (root["labels"]["gt"], labels, "nearest")):
+        multiscale = group.attrs["multiscales"][0]
+        assert multiscale["type"] == kind
+        datasets = multiscale["datasets"]
         assert [d["path"] for d in datasets] == ["0", "1"]  # 128 -> 64, then stop
         level1 = group["1"][...]
-        np.testing.assert_array_equal(level1, base[..., ::2, ::2])
+        if kind == "nearest":
+            np.testing.assert_array_equal(level1, base[..., ::2, ::2])
+        else:
+            half = tuple(s // 2 if a in "yx" else s for a, s in zip(axes, base.shape, strict=True))
+            expected = resize["func"](da.from_array(base, chunks=chunks), half, **resize["kwargs"])
+            np.testing.assert_array_equal(level1, expected.compute())
+            assert np.abs(level1.astype(float) - base[..., ::2, ::2]).mean() > 100  # smoothed
         factor = [d["coordinateTransformations"][0]["scale"] for d in datasets]
         assert factor[1] == [s * (2 if a in "yx" else 1) for s, a in zip(scale, axes, strict=True)]
+        # an anti-aliased level's first pixel is centred on the first 2x2 pixels it averages
+        shift = [d["coordinateTransformations"][1:] for d in datasets]
+        if kind == "nearest":
+            assert shift == [[], []]
+        else:
+            half_pixel = [0.25 if a in "yx" else 0.0 for a in axes]
+            assert shift == [[], [{"type": "translation", "translation": half_pixel}]]
     assert set(np.unique(root["labels"]["gt"]["1"][...])) <= set(np.unique(labels))
 
 

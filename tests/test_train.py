@@ -132,18 +132,18 @@ def test_a_time_budget_fits_the_whole_schedule_and_resumes_it(
     monkeypatch.setattr(train_module, "time", fake)
     to_device = train_module._to_device
     model = tmp_path / "model.pt"
-    late = {**TINY, "lr_drops": (0.6, 0.8)}  # drops after the pace is known
+    late = {**TINY, "lr_drops": (0.8, 0.9)}  # drops after the pace is known (step 15)
     budget = train(simulated_store, model, epochs=3, max_minutes=1.5, **late)
     # the first steps set the pace; the run is planned to end within 90 s, schedule and all
     assert 10 < budget.steps == budget.total_steps < 30 and not budget.stopped_early
     rates = [float(r["lr"]) for r in csv.DictReader(model.with_suffix(".loss.csv").open())]
     first_drop = next(i for i, r in enumerate(rates) if r < 1e-3)
     second_drop = next(i for i, r in enumerate(rates) if r < 1e-4)
-    assert first_drop == round(0.6 * budget.steps) and second_drop == round(0.8 * budget.steps)
+    assert first_drop == round(0.8 * budget.steps) and second_drop == round(0.9 * budget.steps)
     # a budget run interrupted and resumed continues its own plan exactly
     interrupted = tmp_path / "interrupted.pt"
     clock = iter(range(10**6))
-    interrupt_after(monkeypatch, 12)
+    interrupt_after(monkeypatch, 17)  # after the plan at step 15
     with pytest.raises(KeyboardInterrupt):
         train(simulated_store, interrupted, epochs=3, max_minutes=1.5, **late)
     monkeypatch.setattr(train_module, "time", time)

@@ -62,6 +62,14 @@ class RunOptions:
     overwrite: bool = False
     resume: bool = False
     progress: bool = True
+    scheduler_file: str | None = None  # a Dask scheduler file naming the scheduler instead
+    tls: Any = None  # blockwise.cluster.TLSFiles for a tls:// scheduler
+    slurm: Any = None  # blockwise.slurm.SlurmSpec: a cluster of SLURM jobs for the run
+
+    @property
+    def remote(self) -> bool:
+        """Whether the run's workers are not local processes."""
+        return any(v is not None for v in (self.scheduler, self.scheduler_file, self.slurm))
 
 
 # --- markers: what is done, for --resume -----------------------------------------------------
@@ -108,6 +116,7 @@ class Session:
     image: OmeImage
     root: zarr.Group
     progress: bool = True
+    local: bool = True  # on a cluster started for the run (on this machine)
     recomputed: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -224,9 +233,16 @@ def _client_of(options: RunOptions, plan: Plan, network: bool) -> Iterator[Any]:
     if options.client is not None:
         yield options.client
         return
-    uses_gpu = network and plan.device != "cpu" and options.scheduler is None
+    uses_gpu = network and plan.device != "cpu" and not options.remote
     gpus = local_gpu_count() if uses_gpu else 0
-    with dask_client(options.scheduler, options.workers, gpus=gpus) as dask:
+    with dask_client(
+        options.scheduler,
+        options.workers,
+        gpus=gpus,
+        scheduler_file=options.scheduler_file,
+        tls=options.tls,
+        slurm=options.slurm,
+    ) as dask:
         if options.progress and dask.dashboard_link:
             print(f"Dask dashboard: {dask.dashboard_link}", flush=True)
         yield dask
@@ -248,7 +264,8 @@ def run_session(
     with _client_of(options, plan, network) as dask:
         plan = replace(plan, torch_threads=threads_per_host(dask))
         root = prepare_output(plan, image, options.overwrite, options.resume, features)
-        yield Session(dask, plan, image, root, options.progress)
+        local = options.client is None and not options.remote
+        yield Session(dask, plan, image, root, options.progress, local)
 
 
 @contextlib.contextmanager
@@ -259,4 +276,5 @@ def attach_session(
     output), on ``options.client`` or on a cluster started for it; its recorded block results
     live under the store's work folder as a run's do."""
     with _client_of(options, plan, network=False) as dask:
-        yield Session(dask, plan, image, root, options.progress)
+        local = options.client is None and not options.remote
+        yield Session(dask, plan, image, root, options.progress, local)

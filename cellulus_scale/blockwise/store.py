@@ -25,6 +25,9 @@ from cellulus_scale.io import ome_zarr
 
 LABELS_NAME = "cellulus"  # the output's labels: labels/cellulus
 WORK_DIR = ".cellulus-scale"  # the recorded block results of an unfinished run
+#: Up to this many objects, the labels' ``image-label`` metadata lists a colour per ID (a few
+#: tens of kB of JSON); above it, viewers choose their own colours.
+LABEL_COLOURS_MAX = 1000
 
 
 @dataclass(frozen=True)
@@ -90,9 +93,11 @@ def output_array(plan: Plan, name: str) -> zarr.Array:
     return zarr.open_array(str(Path(plan.output_path) / name), mode="r+")
 
 
-def output_index(plan: Plan, frame: int, core: Sequence[slice], channels: slice) -> tuple:
-    """Index into an output array with the input's axes (t, c, z, y, x subset)."""
-    axes = plan.input_axes
+def output_index(
+    plan: Plan, frame: int, core: Sequence[slice], channels: slice, axes: str | None = None
+) -> tuple:
+    """Index into an output array with the input's axes (t, c, z, y, x subset), or ``axes``."""
+    axes = plan.input_axes if axes is None else axes
     spatial = dict(zip("zyx"[-plan.spatial_dims :], core, strict=True))
     index = []
     for axis in axes:
@@ -107,9 +112,9 @@ def output_index(plan: Plan, frame: int, core: Sequence[slice], channels: slice)
     return tuple(index)
 
 
-def squeeze_like(plan: Plan, values: np.ndarray) -> np.ndarray:
+def squeeze_like(plan: Plan, values: np.ndarray, axes: str | None = None) -> np.ndarray:
     """Shape (C, *spatial) values for assignment into :func:`output_index`."""
-    axes = plan.input_axes
+    axes = plan.input_axes if axes is None else axes
     shaped = values if "c" in axes else values[0]
     if "z" in axes and plan.spatial_dims == 2:
         shaped = shaped[:, None] if "c" in axes else shaped[None]
@@ -131,13 +136,20 @@ def labels_array(plan: Plan) -> zarr.Array:
 def write_labels_core(
     plan: Plan, target: zarr.Array, frame: int, block: Block, labels: np.ndarray
 ) -> None:
-    """Write the block's core (*core) of the labels into ``target`` (:func:`labels_array`)."""
-    target[output_index(plan, frame, block.core, slice(0, 1))] = squeeze_like(plan, labels[None])
+    """Write the block's core (*core) of the labels into ``target`` (:func:`labels_array`),
+    whose axes are the input's less ``c``."""
+    axes = label_axes(plan)
+    target[output_index(plan, frame, block.core, slice(0, 1), axes)] = squeeze_like(
+        plan, labels[None], axes
+    )
 
 
-def write_feature_core(
-    plan: Plan, name: str, frame: int, block: Block, values: np.ndarray
-) -> None:
+def label_axes(plan: Plan) -> str:
+    """The axes of the output's labels: the input's less ``c`` (README, "Data layout")."""
+    return plan.input_axes.replace("c", "")
+
+
+def write_feature_core(plan: Plan, name: str, frame: int, block: Block, values: np.ndarray) -> None:
     """Write the block's core (channels, *core) of the feature image ``name``."""
     array = output_array(plan, f"{name}/0")
     index = (frame, slice(None)) + block.core
@@ -211,20 +223,31 @@ def _chunks(plan: Plan, axes: str, shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(chunks)
 
 
-def prepare_labels(
-    plan: Plan, image: ome_zarr.OmeImage, root: zarr.Group, objects: int
-) -> bool:
+def prepare_labels(plan: Plan, image: ome_zarr.OmeImage, root: zarr.Group, objects: int) -> bool:
     """Create the label array, in the dtype the object count needs, unless a resumed run
     already has it; True if it was created (the label blocks recorded before are then void)."""
     dtype = ome_zarr.label_dtype(objects)
+    axes, label_shape = ome_zarr.label_axes_shape(image)
     labels_path = Path(plan.output_path) / "labels" / LABELS_NAME / "0"
-    if labels_path.exists() and zarr.open_array(str(labels_path), mode="r").dtype == dtype:
-        return False
-    _, label_shape = ome_zarr.label_axes_shape(image)
-    ome_zarr.create_labels(
-        root, LABELS_NAME, label_shape, _chunks(plan, image.axes, label_shape), dtype
-    )
+    if labels_path.exists():
+        existing = zarr.open_array(str(labels_path), mode="r")
+        if existing.dtype == dtype and existing.shape == label_shape:
+            return False
+    ome_zarr.create_labels(root, LABELS_NAME, label_shape, _chunks(plan, axes, label_shape), dtype)
     return True
+
+
+def _feature_space(image: ome_zarr.OmeImage, axes: str) -> ome_zarr.Space:
+    """The image's space on ``axes`` (a feature image's t, c and spatial axes); axes the image
+    lacks get scale 1, translation 0 and no unit."""
+    space = image.space
+    where = {a: i for i, a in enumerate(space.axes)}
+    return ome_zarr.Space(
+        axes,
+        tuple(space.scale[where[a]] if a in where and a != "c" else 1.0 for a in axes),
+        tuple(space.translation[where[a]] if a in where and a != "c" else 0.0 for a in axes),
+        tuple(space.units[where[a]] if a in where and a != "c" else None for a in axes),
+    )
 
 
 def finish_output(
@@ -235,23 +258,22 @@ def finish_output(
     finishing: Callable[[], None] | None = None,
     **details: object,
 ) -> None:
-    """Pyramids and NGFF metadata, ``finishing()`` (e.g. the tracks' own), feature images kept
-    or removed, then mark the store complete with ``details`` (the last write of a run)."""
-    ome_zarr.finish_multiscale(root, image.axes, image.scale, Path(plan.input_path).stem)
-    label_axes, _ = ome_zarr.label_axes_shape(image)
-    ome_zarr.finish_labels(root, LABELS_NAME, label_axes, image.scale)
+    """Pyramids and NGFF metadata (the input's units, scale, translation and ``omero`` channels
+    carried over; the labels' colours where there are few objects), feature images kept or
+    removed, ``finishing()`` (e.g. the tracks' own), then mark the store complete with
+    ``details`` (the last write of a run)."""
+    name = Path(plan.input_path).stem
+    ome_zarr.finish_multiscale(root, image.space, None, name, omero=image.omero)
+    objects = int(details.get("objects", 0))  # type: ignore[call-overload]
+    colours = ome_zarr.label_colours(objects) if 0 < objects <= LABEL_COLOURS_MAX else None
+    ome_zarr.finish_labels(root, LABELS_NAME, ome_zarr.label_space(image), None, colours)
     if finishing is not None:
         finishing()
     for feature in features:
         if feature.keep:
-            spatial_scale = image.canonical_scale[-plan.spatial_dims :]
-            axes = "tc" + "zyx"[-plan.spatial_dims :]
+            space = _feature_space(image, "tc" + "zyx"[-plan.spatial_dims :])
             ome_zarr.finish_multiscale(
-                root[feature.name],
-                axes,
-                (image.canonical_scale[0], 1.0, *spatial_scale),
-                feature.name,
-                levels=1,
+                root[feature.name], space, None, feature.name, levels=1, method="nearest"
             )
         else:
             ome_zarr.remove_store(Path(plan.output_path) / feature.name)

@@ -1,7 +1,11 @@
 """OME-Zarr input and output: lazy reading of NGFF 0.4/0.5 images, blockwise NGFF 0.4 writing.
 
-Images are read as Dask arrays of their full-resolution level. Everything cellulus-scale writes
-is NGFF 0.4 (zarr v2), which ome-zarr-models validates completely (see README, "Data layout").
+Images are read as Dask arrays of their full-resolution level, with the metadata a copy must
+carry: axis units, scale and translation, and the ``omero`` channel names and colours.
+Everything cellulus-scale writes is NGFF 0.4 (zarr v2), which ome-zarr-models validates
+completely (see README, "Data layout"). Image pyramids are anti-aliased with ome-zarr-py's own
+downsampling (``skimage.transform.resize``, chunk by chunk); label pyramids take every second
+pixel (nearest), so they hold no new label values.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 import zarr
+from ome_zarr.axes import KNOWN_SPATIAL_UNITS, KNOWN_TEMPORAL_UNITS
 from ome_zarr.format import FormatV04
 from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
 
@@ -29,6 +34,10 @@ CANONICAL_AXES = "tczyx"
 SPATIAL_AXES = "zyx"
 STATUS_KEY = "cellulus_scale"
 _AXIS_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
+_KNOWN_UNITS = {"space": set(KNOWN_SPATIAL_UNITS), "time": set(KNOWN_TEMPORAL_UNITS)}
+#: The pyramid methods: ``resize`` is ome-zarr-py's default (anti-aliased, for images),
+#: ``nearest`` takes every second pixel (for labels and other images of IDs).
+PYRAMID_METHODS = ("resize", "nearest")
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,12 @@ class OmeImage:
     scale: tuple[float, ...]
     ngff_version: str | None
     labels: tuple[str, ...] = ()
+    #: per axis, its NGFF unit (e.g. "micrometer", "second") or None
+    units: tuple[str | None, ...] = ()
+    #: per axis, the physical position of the first pixel's centre (all 0 when not given)
+    translation: tuple[float, ...] = ()
+    #: the image's ``omero`` metadata (channel names, colours, windows), or None
+    omero: dict[str, Any] | None = None
 
     @property
     def spatial_axes(self) -> str:
@@ -66,6 +81,54 @@ class OmeImage:
     def canonical_scale(self) -> tuple[float, ...]:
         values = dict(zip(self.axes, self.scale, strict=True))
         return tuple(float(values.get(a, 1.0)) for a in CANONICAL_AXES)
+
+    @property
+    def space(self) -> Space:
+        """The physical space of the image: axes, scale, translation and units."""
+        n = len(self.axes)
+        return Space(
+            self.axes,
+            tuple(self.scale),
+            tuple(self.translation) or (0.0,) * n,
+            tuple(self.units) or (None,) * n,
+        )
+
+
+@dataclass(frozen=True)
+class Space:
+    """The axes of an image with, per axis, the scale (size of a pixel), the translation (the
+    physical position of the first pixel's centre) and the unit (or None): what every image
+    and label image of one store share, so that viewers overlay them."""
+
+    axes: str
+    scale: tuple[float, ...]
+    translation: tuple[float, ...]
+    units: tuple[str | None, ...]
+
+    @classmethod
+    def plain(cls, axes: str, scale: Sequence[float] | None = None) -> Space:
+        n = len(axes)
+        return cls(axes, tuple(scale) if scale is not None else (1.0,) * n, (0.0,) * n, (None,) * n)
+
+    def without(self, drop: str) -> Space:
+        """The same space less the axes in ``drop`` (e.g. "c" for a label image)."""
+        keep = [i for i, a in enumerate(self.axes) if a not in drop]
+        return Space(
+            "".join(self.axes[i] for i in keep),
+            tuple(self.scale[i] for i in keep),
+            tuple(self.translation[i] for i in keep),
+            tuple(self.units[i] for i in keep),
+        )
+
+    def axes_metadata(self) -> list[dict[str, str]]:
+        """NGFF axes, with units where known."""
+        result = []
+        for axis, unit in zip(self.axes, self.units, strict=True):
+            entry = {"name": axis, "type": _AXIS_TYPES[axis]}
+            if unit is not None:
+                entry["unit"] = unit
+            result.append(entry)
+        return result
 
 
 def validate_axes(axes: str, ndim: int | None = None, where: str = "--axes") -> str:
@@ -103,6 +166,12 @@ def check_dtype(dtype: np.dtype, what: str = "image") -> None:
 def _open_zarr(path: Path) -> zarr.Group | zarr.Array:
     if not path.exists():
         raise UserInputError(f"no such file or directory: {path}", "check the path")
+    if path.is_file() and path.suffix.lower() in (".tif", ".tiff"):
+        raise UserInputError(
+            f"{path} is a TIFF file, not an OME-Zarr image",
+            f"convert it first, e.g. 'bioformats2raw {path} {path.with_suffix('.zarr')}', or in"
+            " Python with tifffile.imread and ome_zarr.writer.write_image",
+        )
     try:
         return zarr.open(store=str(path), mode="r")
     except Exception as error:  # zarr raises several types for a non-zarr folder
@@ -122,19 +191,51 @@ def _ngff_attrs(group: zarr.Group) -> tuple[dict[str, Any], str | None]:
     return attrs, version
 
 
-def _scale_of(multiscale: dict[str, Any], dataset: dict[str, Any], ndim: int) -> tuple[float, ...]:
-    scale = np.ones(ndim)
+def _transform_of(
+    multiscale: dict[str, Any], dataset: dict[str, Any], ndim: int
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(scale, translation) of a dataset: its own transformations, then the multiscale's."""
+    scale, translation = np.ones(ndim), np.zeros(ndim)
     for transforms in (
         dataset.get("coordinateTransformations", []),
         multiscale.get("coordinateTransformations", []),
     ):
         for transform in transforms:
-            if transform.get("type") == "scale" and "scale" in transform:
-                values = np.asarray(transform["scale"], dtype=float)
+            kind = transform.get("type")
+            if kind in ("scale", "translation") and kind in transform:
+                values = np.asarray(transform[kind], dtype=float)
                 if values.shape != (ndim,):
-                    raise ValueError(f"a scale of {values.size} values for {ndim} axes")
-                scale = scale * values
-    return tuple(float(v) for v in scale)
+                    raise ValueError(f"a {kind} of {values.size} values for {ndim} axes")
+                if kind == "scale":
+                    scale, translation = scale * values, translation * values
+                else:
+                    translation = translation + values
+    return tuple(float(v) for v in scale), tuple(float(v) for v in translation)
+
+
+def _units_of(multiscale: dict[str, Any]) -> tuple[str | None, ...]:
+    """Each axis's unit where NGFF knows it (others are left out: a copy must validate)."""
+    units = []
+    for axis in multiscale.get("axes", []):
+        if not isinstance(axis, dict):
+            units.append(None)
+            continue
+        unit, kind = axis.get("unit"), _AXIS_TYPES.get(str(axis.get("name", "")).lower())
+        units.append(unit if unit in _KNOWN_UNITS.get(kind or "", ()) else None)
+    return tuple(units)
+
+
+def _omero_of(attrs: dict[str, Any], channels: int) -> dict[str, Any] | None:
+    """The ``omero`` metadata if it describes ``channels`` channels, else None."""
+    omero = attrs.get("omero")
+    if not isinstance(omero, dict):
+        return None
+    listed = omero.get("channels")
+    if not isinstance(listed, list) or len(listed) != channels:
+        return None
+    if not all(isinstance(c, dict) for c in listed):
+        return None
+    return json.loads(json.dumps(omero))
 
 
 def _open_level(group: zarr.Group, path: Path, key: str) -> zarr.Group | zarr.Array:
@@ -188,7 +289,8 @@ def open_image(path: str | os.PathLike[str], axes: str | None = None) -> OmeImag
         meta_axes = "".join(
             (a["name"] if isinstance(a, dict) else a).lower() for a in multiscale.get("axes", [])
         )
-        scale = _scale_of(multiscale, dataset, array.ndim)
+        scale, translation = _transform_of(multiscale, dataset, array.ndim)
+        units = _units_of(multiscale)
     except UserInputError:
         raise
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
@@ -210,6 +312,7 @@ def open_image(path: str | os.PathLike[str], axes: str | None = None) -> OmeImag
     if "labels" in node:
         label_attrs, _ = _ngff_attrs(node["labels"])
         labels = tuple(label_attrs.get("labels", []))
+    channels = array.shape[meta_axes.index("c")] if "c" in meta_axes else 1
     return OmeImage(
         path,
         da.from_zarr(array),
@@ -217,6 +320,9 @@ def open_image(path: str | os.PathLike[str], axes: str | None = None) -> OmeImag
         scale,
         version,
         labels,
+        units=units if len(units) == array.ndim else (None,) * array.ndim,
+        translation=translation,
+        omero=_omero_of(attrs, channels),
     )
 
 
@@ -244,6 +350,17 @@ def check_output_path(
                 f"the output {path} is the input", "choose a different output path"
             )
     if path.exists() and not overwrite:
+        try:
+            status = run_status(path) if path.is_dir() else {}
+        except UserInputError:  # not a zarr store
+            status = {}
+        if status.get("status") == "incomplete":
+            stopped = f" ({status['stopped']})" if status.get("stopped") else ""
+            raise UserInputError(
+                f"output {path} holds an unfinished run{stopped}",
+                "rerun the same command with --resume to finish it, or pass --overwrite to start"
+                " again",
+            )
         raise UserInputError(
             f"output {path} already exists", "pass --overwrite to replace it or choose a new path"
         )
@@ -273,10 +390,6 @@ def remove_store(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
-
-
-def _axes_metadata(axes: str) -> list[dict[str, str]]:
-    return [{"name": a, "type": _AXIS_TYPES[a]} for a in axes]
 
 
 def pyramid_factors(
@@ -322,26 +435,73 @@ def create_level0(
     )
 
 
+def _downsample(data: da.Array, axes: str, method: str) -> da.Array:
+    """One pyramid step, 2x in y and x, chunk by chunk: ``nearest`` takes every second pixel
+    (label values stay label values); ``resize`` is ome-zarr-py's own anti-aliased method
+    (``ome_zarr.scale.Methods.RESIZE``: ``skimage.transform.resize``, a Gaussian of sigma 0.5
+    pixels then bilinear; reflected at chunk borders), to floor(size / 2)."""
+    if method == "nearest":
+        return data[tuple(slice(None, None, 2 if a in "yx" else 1) for a in axes)]
+    from ome_zarr.scale import Methods, method_dispatch
+
+    resize = method_dispatch[Methods.RESIZE]
+    shape = tuple(s // 2 if a in "yx" else s for a, s in zip(axes, data.shape, strict=True))
+    return resize["func"](data, output_shape=shape, **resize["kwargs"])
+
+
+def _pyramid_type(method: str) -> tuple[str, dict[str, Any]]:
+    """The multiscales ``type`` and ``metadata`` (NGFF: how the pyramid was made)."""
+    if method == "nearest":
+        return "nearest", {"description": "every second pixel in y and x (strided slicing)"}
+    import skimage
+    from ome_zarr.scale import Methods, method_dispatch
+
+    resize = method_dispatch[Methods.RESIZE]
+    return Methods.RESIZE.value, {
+        "description": "anti-aliased 2x downsampling in y and x, chunk by chunk (ome-zarr-py)",
+        "method": str(resize["used_function"]),
+        "version": skimage.__version__,
+        "kwargs": dict(resize["kwargs"]),
+    }
+
+
+def _level_translation(space: Space, factor: Sequence[int], method: str) -> list[float]:
+    """The physical position of a level's first pixel centre: that of its first full-resolution
+    pixel for ``nearest``; the centre of the first ``factor`` pixels for ``resize``."""
+    if method == "nearest":
+        return [float(t) for t in space.translation]
+    return [
+        float(t + s * (f - 1) / 2)
+        for t, s, f in zip(space.translation, space.scale, factor, strict=True)
+    ]
+
+
 def finish_multiscale(
     group: zarr.Group,
-    axes: str,
-    scale: Sequence[float],
+    axes: str | Space,
+    scale: Sequence[float] | None,
     name: str,
     levels: int | None = None,
+    method: str = "resize",
+    omero: dict[str, Any] | None = None,
 ) -> None:
-    """Build the pyramid of ``group``'s array "0" by taking pixels (nearest) and write metadata.
+    """Build the pyramid of ``group``'s array "0" and write its NGFF metadata: axes (with units),
+    scale and translation per level, the pyramid's ``type``, and ``omero`` (completed where a
+    channel lacks a colour or a window) if given.
 
-    Each level is computed lazily from the one above with Dask and written chunk by chunk.
+    ``axes`` is an axis string (scale ``scale``, translation 0, no units) or a :class:`Space`.
+    ``method`` is ``resize`` (anti-aliased, for images) or ``nearest`` (for labels). Each level
+    is computed lazily from the one above with Dask and written chunk by chunk.
     """
+    space = axes if isinstance(axes, Space) else Space.plain(axes, scale)
     base = group["0"]
-    factors = pyramid_factors(base.shape, axes, levels)
+    factors = pyramid_factors(base.shape, space.axes, levels)
     previous = da.from_zarr(base)
     datasets = []
     for level, factor in enumerate(factors):
         if level > 0:
-            step = tuple(2 if a in "yx" else 1 for a in axes)
-            data = previous[tuple(slice(None, None, s) for s in step)]
-            chunks = tuple(min(c, s) for c, s in zip(base.chunks, data.shape, strict=True))
+            data = _downsample(previous, space.axes, method)
+            chunks = tuple(max(1, min(c, s)) for c, s in zip(base.chunks, data.shape, strict=True))
             target = group.create_array(
                 str(level),
                 shape=data.shape,
@@ -353,35 +513,84 @@ def finish_multiscale(
             )
             da.store(data.rechunk(chunks), target, lock=False)
             previous = da.from_zarr(target)
-        level_scale = [float(s) * f for s, f in zip(scale, factor, strict=True)]
-        datasets.append(
-            {
-                "path": str(level),
-                "coordinateTransformations": [{"type": "scale", "scale": level_scale}],
-            }
-        )
+        level_scale = [float(s) * f for s, f in zip(space.scale, factor, strict=True)]
+        transforms: list[dict[str, Any]] = [{"type": "scale", "scale": level_scale}]
+        translation = _level_translation(space, factor, method)
+        if any(translation):
+            transforms.append({"type": "translation", "translation": translation})
+        datasets.append({"path": str(level), "coordinateTransformations": transforms})
     write_multiscales_metadata(
-        group, datasets, fmt=FormatV04(), axes=_axes_metadata(axes), name=name
+        group, datasets, fmt=FormatV04(), axes=space.axes_metadata(), name=name
     )
+    attrs = group.attrs.asdict()
+    kind, details = _pyramid_type(method)
+    attrs["multiscales"][0]["type"] = kind
+    attrs["multiscales"][0]["metadata"] = details
+    if omero is not None and "c" in space.axes:
+        attrs["omero"] = complete_omero(omero, previous, space.axes)
+    group.attrs.put(attrs)
+
+
+#: Colours of channels an ``omero`` entry leaves without one (then cycled).
+_CHANNEL_COLOURS = ("00FF00", "FF00FF", "00FFFF", "FFFF00", "FF0000", "0000FF", "FFFFFF")
+
+
+def complete_omero(omero: dict[str, Any], smallest: da.Array, axes: str) -> dict[str, Any]:
+    """``omero`` with every channel given a colour (hex RGB) and a display window, as NGFF 0.4
+    requires: a missing window is the value range of the channel in ``smallest`` (the
+    smallest pyramid level, a cheap read)."""
+    omero = json.loads(json.dumps(omero))
+    channel_axis = axes.index("c")
+    ranges: list[tuple[float, float]] | None = None
+    for index, channel in enumerate(omero["channels"]):
+        colour = channel.get("color")
+        if not (isinstance(colour, str) and len(colour) == 6 and _is_hex(colour)):
+            channel["color"] = _CHANNEL_COLOURS[index % len(_CHANNEL_COLOURS)]
+        window = channel.get("window")
+        keys = ("min", "max", "start", "end")
+        if not (
+            isinstance(window, dict) and all(isinstance(window.get(k), int | float) for k in keys)
+        ):
+            if ranges is None:
+                other = tuple(i for i in range(smallest.ndim) if i != channel_axis)
+                low, high = da.compute(smallest.min(axis=other), smallest.max(axis=other))
+                ranges = [(float(a), float(b)) for a, b in zip(low, high, strict=True)]
+            low_value, high_value = ranges[index]
+            channel["window"] = {
+                "min": low_value,
+                "max": high_value,
+                "start": low_value,
+                "end": high_value,
+            }
+    return omero
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        int(text, 16)
+    except ValueError:
+        return False
+    return True
 
 
 def write_image(
     path_or_group: str | os.PathLike[str] | zarr.Group,
     data: da.Array,
-    axes: str,
-    scale: Sequence[float],
+    axes: str | Space,
+    scale: Sequence[float] | None,
     name: str,
     chunks: Sequence[int] | None = None,
+    omero: dict[str, Any] | None = None,
 ) -> zarr.Group:
-    """Write a Dask array as an NGFF 0.4 image with a pyramid, chunk by chunk."""
-    if isinstance(path_or_group, (str, os.PathLike)):
+    """Write a Dask array as an NGFF 0.4 image with an anti-aliased pyramid, chunk by chunk."""
+    if isinstance(path_or_group, str | os.PathLike):
         group = create_group(Path(path_or_group))
     else:
         group = path_or_group
     chunks = tuple(chunks) if chunks is not None else tuple(c[0] for c in data.chunks)
     target = create_level0(group, data.shape, chunks, data.dtype)
     da.store(data.rechunk(chunks), target, lock=False)
-    finish_multiscale(group, axes, scale, name)
+    finish_multiscale(group, axes, scale, name, omero=omero)
     return group
 
 
@@ -391,9 +600,30 @@ def label_dtype(max_label: int) -> np.dtype:
 
 
 def label_axes_shape(image: OmeImage) -> tuple[str, tuple[int, ...]]:
-    """Axes and shape of a label image for ``image``: same axes, a channel axis of length 1."""
-    shape = tuple(1 if a == "c" else s for a, s in zip(image.axes, image.data.shape, strict=True))
-    return image.axes, shape
+    """Axes and shape of a label image for ``image``: the image's axes less ``c`` (as
+    ome-zarr-py's own sample data has them; NGFF allows either), so that viewers, which align
+    the axes of layers from the right, put the labels' ``t`` on the image's ``t``."""
+    kept = [(a, s) for a, s in zip(image.axes, image.data.shape, strict=True) if a != "c"]
+    return "".join(a for a, _ in kept), tuple(s for _, s in kept)
+
+
+def label_space(image: OmeImage) -> Space:
+    """The physical space of a label image for ``image``: the image's less ``c``."""
+    return image.space.without("c")
+
+
+def label_colours(count: int) -> list[dict[str, Any]]:
+    """``image-label`` colours for the IDs 1..count: hues a golden angle apart (neighbouring
+    IDs, often neighbouring objects, get distinct colours), opaque."""
+    import colorsys
+
+    colours = []
+    for value in range(1, count + 1):
+        hue = (value * 0.6180339887498949) % 1.0
+        red, green, blue = colorsys.hsv_to_rgb(hue, 0.75, 1.0)
+        rgba = [round(255 * red), round(255 * green), round(255 * blue), 255]
+        colours.append({"label-value": value, "rgba": rgba})
+    return colours
 
 
 def create_labels(
@@ -410,20 +640,29 @@ def create_labels(
     return label_group
 
 
-def finish_labels(root: zarr.Group, name: str, axes: str, scale: Sequence[float]) -> None:
-    """Write the nearest-neighbour pyramid and the ``image-label`` metadata of a label image."""
+def finish_labels(
+    root: zarr.Group,
+    name: str,
+    axes: str | Space,
+    scale: Sequence[float] | None,
+    colours: list[dict[str, Any]] | None = None,
+) -> None:
+    """Write the nearest-neighbour pyramid and the ``image-label`` metadata of a label image
+    (with ``colours``, a list of ``{"label-value", "rgba"}``, if given)."""
     labels_group = root["labels"]
-    finish_multiscale(labels_group[name], axes, scale, name)
+    finish_multiscale(labels_group[name], axes, scale, name, method="nearest")
     # lists ``name`` in the labels group's "labels" attribute
-    write_label_metadata(labels_group, name, fmt=FormatV04(), source={"image": "../../"})
+    write_label_metadata(
+        labels_group, name, colors=colours, fmt=FormatV04(), source={"image": "../../"}
+    )
 
 
 def write_labels(
     root: zarr.Group,
     name: str,
     labels: da.Array,
-    axes: str,
-    scale: Sequence[float],
+    axes: str | Space,
+    scale: Sequence[float] | None,
     chunks: Sequence[int] | None = None,
 ) -> zarr.Group:
     """Write a Dask array of instance labels as ``labels/<name>`` with a nearest pyramid."""
@@ -455,10 +694,53 @@ def check_complete(path: str | os.PathLike[str], command: str = "predict") -> No
     """Refuse a store that a run left incomplete, saying how to finish it."""
     status = run_status(path)
     if status.get("status") == "incomplete":
+        run = status.get("command", command)
+        if status.get("stopped"):
+            raise UserInputError(
+                f"{path} is incomplete: a {run} run stopped on {status['stopped']}",
+                "fix that, then finish it by rerunning the same command with --resume",
+            )
         raise UserInputError(
-            f"{path} is incomplete: a {status.get('command', command)} run was interrupted",
+            f"{path} is incomplete: a {run} run was interrupted",
             "finish it by rerunning the same command with --resume",
         )
+
+
+def sample_frames(image: OmeImage, count: int) -> np.ndarray:
+    """Up to ``count`` evenly spaced frame indices of the image."""
+    frames = image.canonical_shape[0]
+    return np.unique(np.linspace(0, frames - 1, min(frames, count)).round().astype(int))
+
+
+def sample_region(image: OmeImage, frame: int, side: int, depth: int) -> np.ndarray:
+    """The central crop of ``frame`` (at most ``side`` pixels per in-plane axis and ``depth``
+    planes), as (C, *spatial) float32: a cheap look at a large image."""
+    _, _, planes, height, width = image.canonical_shape
+    boxes = []
+    for size, limit in ((planes, depth), (height, side), (width, side)):
+        extent = min(size, limit)
+        start = (size - extent) // 2
+        boxes.append(slice(start, start + extent))
+    data = image.canonical()[frame][(slice(None), *boxes)]
+    values = np.asarray(data.compute(scheduler="synchronous"), dtype=np.float32)
+    return values if image.spatial_dims == 3 else values[:, 0]
+
+
+def check_sample_finite(image: OmeImage, frames: int = 8, side: int = 512) -> None:
+    """Refuse a floating-point image with NaN or Inf in a cheap sample of it (central crops of
+    a few frames), before anything is written; a run still checks every block it reads."""
+    if image.data.dtype.kind != "f":
+        return
+    for frame in sample_frames(image, frames):
+        values = sample_region(image, int(frame), side, side)
+        if not np.all(np.isfinite(values)):
+            found = " and ".join(
+                name for name, test in (("NaN", np.isnan), ("Inf", np.isinf)) if test(values).any()
+            )
+            raise UserInputError(
+                f"frame {frame} of {image.path} contains {found} values",
+                "replace them (e.g. with 0) before predicting",
+            )
 
 
 def chunk_grid(shape: Sequence[int], chunks: Sequence[int]) -> list[tuple[slice, ...]]:

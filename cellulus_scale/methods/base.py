@@ -76,6 +76,21 @@ class Statistics:
     foreground_fraction: float
 
 
+class WrittenObjects:
+    """The IDs the labels stage wrote, gathered from its block results (``objects``): the
+    count a run reports is what the store holds, not how many centres were numbered."""
+
+    def __init__(self) -> None:
+        self.ids: set[int] = set()
+
+    def add(self, result: dict[str, np.ndarray]) -> None:
+        self.ids.update(int(i) for i in result["objects"])
+
+    @property
+    def count(self) -> int:
+        return len(self.ids)
+
+
 @dataclass(frozen=True)
 class MethodResult:
     """What a method's stages found."""

@@ -15,7 +15,7 @@ from cellulus_scale.blockwise.blocks import Block
 from cellulus_scale.blockwise.engine import Process, Session, Stage
 from cellulus_scale.blockwise.plan import Plan
 from cellulus_scale.blockwise.store import labels_array, write_labels_core
-from cellulus_scale.methods.base import MethodResult, Statistics
+from cellulus_scale.methods.base import MethodResult, Statistics, WrittenObjects
 
 HIST_EDGES = np.concatenate([[0.0], np.logspace(-6, 3, 4096)])
 INTENSITY_BINS = 4096
@@ -97,7 +97,6 @@ def number_centres(
     return centres, ids, next_id - 1
 
 
-
 #: A method's labels of one block: (plan, frame, block, stats, centres, ids, dtype, clock) ->
 #: the labels of the block's core, for a frame with signal and centres; ``clock`` records when
 #: each part ended (e.g. ``clock["stitching"] = time.perf_counter()``).
@@ -124,21 +123,21 @@ def centres_and_labels(
     labels = Stage("labels", labels_task)
     session.prepare_labels(objects, written_by=labels)
     parts: dict[str, float] = {}
+    written = WrittenObjects()
+
+    def collect(result: dict[str, np.ndarray]) -> None:
+        written.add(result)
+        for part, seconds in zip(result["parts"], result["seconds"], strict=True):
+            parts[part] = parts.get(part, 0.0) + float(seconds)
+
     scattered = session.scatter([[centres[f], ids[f]] for f in range(plan.frames)])
-    session.run(
-        labels,
-        shared=(stats, label_block),
-        per_frame=scattered,
-        collect=lambda r: parts.update(
-            {k: parts.get(k, 0.0) + float(v) for k, v in zip(r["parts"], r["seconds"], strict=True)}
-        ),
-    )
+    session.run(labels, shared=(stats, label_block), per_frame=scattered, collect=collect)
     wall = time.perf_counter() - start
     busy = sum(parts.values()) or 1.0
     for part, seconds in parts.items():  # the stage's wall time, split by task-time share
         key = "writing labels" if part == "writing" else str(part)
         session.timings[key] = wall * seconds / busy
-    return MethodResult(objects, stats)
+    return MethodResult(written.count, stats)
 
 
 def labels_task(

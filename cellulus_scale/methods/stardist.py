@@ -50,6 +50,7 @@ from cellulus_scale.methods.base import (
     Method,
     MethodResult,
     Statistics,
+    WrittenObjects,
     load_model,
     network_window,
 )
@@ -158,7 +159,6 @@ def labels_task(
     return {"objects": np.unique(core_labels[core_labels > 0])}
 
 
-
 def run(session: Session, checkpoint: Checkpoint | None) -> MethodResult:
     """Candidates on the GPU workers (if any), numbered over the video, then drawn."""
     assert checkpoint is not None
@@ -183,8 +183,9 @@ def run(session: Session, checkpoint: Checkpoint | None) -> MethodResult:
         labels = Stage("labels", labels_task)
         session.prepare_labels(objects, written_by=labels)
         scattered = session.scatter([[kept[f]] for f in range(plan.frames)])
-        session.run(labels, shared=(depth,), per_frame=scattered)
-    return MethodResult(objects, stats)
+        written = WrittenObjects()
+        session.run(labels, shared=(depth,), per_frame=scattered, collect=written.add)
+    return MethodResult(written.count, stats)
 
 
 def features(plan: Plan, save_embeddings: bool) -> Sequence[FeatureImage]:

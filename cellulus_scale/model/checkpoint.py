@@ -1,7 +1,9 @@
 """One-file checkpoints: weights, the whole model configuration, normalisation, training state.
 
 Loaded with ``torch.load(weights_only=True)``: only tensors and plain Python values, never
-arbitrary pickled objects.
+arbitrary pickled objects. That guarantee holds from torch 2.10 on: CVE-2025-32434 and
+CVE-2026-24747 let crafted files run code through ``weights_only=True`` on older versions, so
+checkpoints are not loaded with them (the package requires ``torch>=2.10``).
 """
 
 from __future__ import annotations
@@ -75,8 +77,29 @@ def _unreadable(path: Path, error: Exception) -> str:
     return "not a PyTorch file"
 
 
+#: The oldest torch whose ``torch.load(weights_only=True)`` has no known way to run code.
+SAFE_TORCH = (2, 10)
+
+
+def check_safe_torch(version: str | None = None) -> None:
+    """Refuse to load checkpoints with a torch (``version``, by default the one imported) older
+    than :data:`SAFE_TORCH`."""
+    version = str(torch.__version__) if version is None else version
+    numbers = []
+    for part in version.split("+")[0].split(".")[:2]:
+        digits = "".join(c for c in part if c.isdigit())
+        numbers.append(int(digits) if digits else 0)
+    if tuple(numbers) < SAFE_TORCH:
+        raise UserInputError(
+            f"torch {version} is older than 2.10, whose torch.load(weights_only=True) a crafted"
+            " file can make run code (CVE-2025-32434, CVE-2026-24747)",
+            "install torch 2.10 or newer (pip install 'torch>=2.10')",
+        )
+
+
 def load_checkpoint(path: str | os.PathLike[str], kind: str | None = None) -> Checkpoint:
     """Load and check a checkpoint; bad files give a UserInputError naming the problem."""
+    check_safe_torch()
     path = Path(path)
     if not path.is_file():
         raise UserInputError(

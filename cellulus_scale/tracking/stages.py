@@ -315,18 +315,17 @@ def finish_tracks(
     plan: Plan,
     settings: LinkSettings,
     result: LinkResult,
-    axes: str,
-    scale: Sequence[float],
+    space: ome_zarr.Space,
 ) -> None:
-    """Pyramid and NGFF metadata of ``labels/<target>`` (listed once finished), its track table,
-    and the GEFF graph ``OUT.zarr/tracks.geff``."""
+    """Pyramid and NGFF metadata of ``labels/<target>`` (listed once finished; in the labels'
+    physical ``space``), its track table, and the GEFF graph ``OUT.zarr/tracks.geff``."""
     from cellulus_scale.io.tracks import write_track_table
     from cellulus_scale.tracking.export import write_geff
 
     unlist_labels(root, settings.target)
-    ome_zarr.finish_labels(root, settings.target, axes, scale)
+    ome_zarr.finish_labels(root, settings.target, space, None)
     write_track_table(plan.output_path, settings.target, result.tracks.table)
-    sizes = dict(zip(axes, scale, strict=True))
+    sizes = dict(zip(space.axes, space.scale, strict=True))
     geff_scale = [float(sizes.get(a, 1.0)) for a in "t" + "zyx"[-plan.spatial_dims :]]
     write_geff(
         Path(plan.output_path) / GEFF_NAME,

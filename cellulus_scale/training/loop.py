@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
+import multiprocessing
 import os
 import time
 from collections.abc import Callable
@@ -108,16 +109,25 @@ def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
     return config.learning_rate * config.lr_gamma**drops
 
 
-#: Steps timed at the start of a run with a time budget before its length is planned.
+def training_finished(checkpoint: Checkpoint) -> bool:
+    """Whether the checkpoint's training ran its whole (planned) schedule."""
+    state = checkpoint.training_state
+    planned = state.get("planned_steps", state.get("total_steps"))
+    return "step" in state and planned is not None and int(state["step"]) >= int(planned)
+
+
+#: A run with a time budget times its steps after the first WARMUP_STEPS (loader start-up)
+#: for TIMED_STEPS more, then plans its length.
+WARMUP_STEPS = 5
 TIMED_STEPS = 10
 
 
-def planned_steps(total_steps: int, step: int, seconds: float, budget: float) -> int:
-    """The run's length once ``step`` steps took ``seconds``: ``total_steps``, or fewer where
-    the rest would not fit 95% of the ``budget`` (seconds) at that pace."""
-    if seconds <= 0:
+def planned_steps(total_steps: int, step: int, elapsed: float, pace: float, budget: float) -> int:
+    """The run's length at ``step``, ``elapsed`` seconds into it, going at ``pace`` seconds a
+    step: ``total_steps``, or fewer where the rest would not fit 95% of the ``budget``."""
+    if pace <= 0:
         return total_steps
-    fits = step + int((0.95 * budget - seconds) * step / seconds)
+    fits = step + int((0.95 * budget - elapsed) / pace)
     return max(step, min(total_steps, fits))
 
 
@@ -324,6 +334,8 @@ def loader_workers(requested: int | None, device: torch.device) -> int:
     to a CPU step) and, on a GPU, enough to keep up with it: up to 8, leaving a core free."""
     if requested is not None:
         return requested
+    if multiprocessing.current_process().daemon:  # e.g. inside a Dask worker: no children
+        return 0
     if device.type != "cuda":
         return 2
     return max(2, min(8, cpu_count() - 1))
@@ -459,9 +471,12 @@ def run_training(
         )
 
     start = time.perf_counter()
-    budget = max_minutes * 60 if max_minutes is not None else math.inf
+    # a new run fits its schedule to the budget; a resumed one carries out the plan it recorded
+    budget = max_minutes * 60 if max_minutes is not None and not state else math.inf
     deadline = start + budget
-    plan_at = step + TIMED_STEPS if max_minutes is not None and not state else None
+    timed_from = step + WARMUP_STEPS if math.isfinite(budget) else None
+    plan_at = timed_from + TIMED_STEPS if timed_from is not None else None
+    warm = start
     waited = 0.0
     stopped_early = False
     model.train()
@@ -478,13 +493,19 @@ def run_training(
         try:
             iterator = iter(loader)
             while step < planned:
-                if time.perf_counter() >= deadline:
-                    stopped_early = True
+                if time.perf_counter() >= deadline:  # the budget ends the run, planned or not
+                    stopped_early = step < planned
+                    planned = step
                     break
+                if step == timed_from:
+                    warm = time.perf_counter()
                 if step == plan_at:  # the pace is known: fit the whole schedule in the budget
-                    planned = planned_steps(total_steps, step, time.perf_counter() - start, budget)
+                    now = time.perf_counter()
+                    pace = (now - warm) / TIMED_STEPS
+                    planned = planned_steps(total_steps, step, now - start, pace, budget)
                     bar.total = planned
                     bar.refresh()
+                    save(step)  # the plan is kept at once, for a run interrupted before an epoch
                     if step >= planned:
                         break
                 fetch_start = time.perf_counter()

@@ -52,9 +52,7 @@ def check_crop_size(
             f"use --crop-size {smallest} or larger (a size the depth-{depth} network can take)",
         )
     if crop_size > side:
-        largest = next(
-            (s for s in range(side, smallest - 1, -1) if output_size(s, depth) is not None), None
-        )
+        largest = largest_crop_within(side, depth, kappa)
         shape = "x".join(map(str, spatial_shape))
         if largest is None:
             raise UserInputError(
@@ -65,6 +63,15 @@ def check_crop_size(
             f"crop size {crop_size} is larger than the image ({shape})",
             f"use --crop-size {largest} or smaller (a size the depth-{depth} network can take)",
         )
+
+
+def largest_crop_within(side: int, depth: int, kappa: float) -> int | None:
+    """The largest crop the depth-``depth`` network can take that fits a side of ``side``
+    pixels and leaves room for pairs within ``kappa``; None if there is none."""
+    smallest = smallest_trainable_crop(depth, kappa)
+    return next(
+        (s for s in range(side, smallest - 1, -1) if output_size(s, depth) is not None), None
+    )
 
 
 def _check_crop(model_config: ModelConfig, config: TrainConfig, shape: tuple[int, ...]) -> None:

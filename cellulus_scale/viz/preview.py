@@ -1,8 +1,10 @@
-"""PNG previews: a grey image with coloured instance outlines.
+"""PNG previews: a grey image with coloured instance outlines, and beside it, where there is
+one, the ground truth drawn the same way.
 
 Rendering uses :class:`matplotlib.figure.Figure` with the Agg canvas directly (no pyplot, no GUI
-backend), and places the image pixels 1:1 (after optional integer up/down-scaling), so outline
-colours in the PNG are exactly the palette colours.
+backend), and places the image pixels 1:1 (after integer up/down-scaling), so outline colours
+in the PNG are exactly the palette colours. Small frames are enlarged so that a person sees the
+objects at a glance, and outlines are two pixels wide at the PNG's resolution.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from cellulus_scale.errors import UserInputError
 # no outline is grey on the grey image. Neighbouring IDs get different colours.
 _TAB20_ORDER = (0, 2, 4, 6, 8, 10, 12, 16, 18, 1, 3, 5, 7, 9, 11, 13, 17, 19)
 _DPI = 100
-_MIN_SIDE = 256  # small images are enlarged (integer factor) until the long side reaches this
+_MIN_SIDE = 768  # small images are enlarged (integer factor) until the long side reaches this
 _MAX_SIDE = 4096  # large images are subsampled (integer stride) below this
 _TITLE_PX = 24
+_GAP_PX = 8  # white gap between the panels
+_OUTLINE_PX = 2  # outline width in the PNG
 
 
 def outline_palette() -> np.ndarray:
@@ -78,11 +82,23 @@ def _grey(image: np.ndarray) -> np.ndarray:
     return np.clip(np.where(finite, (image - lo) / (hi - lo), 0.0), 0.0, 1.0)
 
 
-def preview_rgb(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """RGB float array in [0, 1] of the preview at native resolution (before any rescaling)."""
+def preview_rgb(image: np.ndarray, labels: np.ndarray, zoom: int = 1) -> np.ndarray:
+    """RGB float array in [0, 1] of the preview, enlarged ``zoom`` times (nearest), with
+    outlines :data:`_OUTLINE_PX` wide inside each object at that resolution."""
     image, labels = _frame_2d(image, labels)
+    if zoom > 1:
+        image = np.repeat(np.repeat(image, zoom, axis=0), zoom, axis=1)
+        labels = np.repeat(np.repeat(labels, zoom, axis=0), zoom, axis=1)
     rgb = np.repeat(_grey(image)[..., None], 3, axis=-1)
     edges = find_boundaries(labels, mode="inner") & (labels != 0)
+    for _ in range(_OUTLINE_PX - 1):  # thicken inwards: the outline stays inside its object
+        grown = edges.copy()
+        for axis in (0, 1):
+            for shift in (1, -1):
+                moved = np.roll(edges, shift, axis=axis)
+                same = np.roll(labels, shift, axis=axis) == labels
+                grown |= moved & same & (labels != 0)
+        edges = grown
     rgb[edges] = outline_colors(labels[edges])
     return rgb
 
@@ -92,41 +108,43 @@ def render_preview(
     labels: np.ndarray,
     path: str | os.PathLike,
     title: str | None = None,
+    truth: np.ndarray | None = None,
+    names: tuple[str, str] = ("segmentation", "ground truth"),
 ) -> None:
-    """Save a PNG of a 2D frame in grey with instance outlines (``mode='inner'``) in colour.
+    """Save a PNG of a 2D frame in grey with instance outlines in colour; with ``truth``, a
+    second panel of the same frame with the ground truth's outlines, side by side.
 
     The grey range is the 1st to 99.8th percentile. For 3D input the middle z slice
     (``shape[0] // 2``) is shown. Outline colours come from tab20 (greys excluded), cycled by
-    label ID. Images with a long side under 256 px are enlarged by an integer factor (nearest);
-    above 4096 px labels and image are subsampled with an integer stride before outlining. An
-    optional title is written in a 24 px band above the image.
+    label ID. Images with a long side under 768 px are enlarged by an integer factor (nearest);
+    above 4096 px labels and image are subsampled with an integer stride before outlining. A
+    title (and, with ``truth``, the panel ``names``) is written in a 24 px band above.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    image, labels = _frame_2d(image, labels)
-    long_side = max(image.shape)
-    if long_side > _MAX_SIDE:
-        stride = -(-long_side // _MAX_SIDE)
-        image, labels = image[::stride, ::stride], labels[::stride, ::stride]
-    rgb = preview_rgb(image, labels)
-    zoom = max(1, _MIN_SIDE // max(max(rgb.shape[:2]), 1))
-    if zoom > 1:
-        rgb = np.repeat(np.repeat(rgb, zoom, axis=0), zoom, axis=1)
-
-    height, width = rgb.shape[:2]
-    band = _TITLE_PX if title else 0
-    fig = Figure(figsize=(width / _DPI, (height + band) / _DPI), dpi=_DPI, facecolor="white")
+    frames = [_frame_2d(image, labels)]
+    if truth is not None:
+        frames.append(_frame_2d(image, truth))
+    long_side = max(frames[0][0].shape)
+    stride = -(-long_side // _MAX_SIDE) if long_side > _MAX_SIDE else 1
+    zoom = max(1, _MIN_SIDE // max(long_side, 1))
+    panels = [
+        preview_rgb(i[::stride, ::stride], lab[::stride, ::stride], zoom) for i, lab in frames
+    ]
+    height, width = panels[0].shape[:2]
+    total = width * len(panels) + _GAP_PX * (len(panels) - 1)
+    band = _TITLE_PX if title or truth is not None else 0
+    fig = Figure(figsize=(total / _DPI, (height + band) / _DPI), dpi=_DPI, facecolor="white")
     FigureCanvasAgg(fig)
-    fig.figimage(rgb, xo=0, yo=0, origin="upper", resize=False)
-    if title:
-        fig.text(
-            0.5,
-            1.0 - 0.5 * band / (height + band),
-            title,
-            ha="center",
-            va="center",
-            fontsize=10,
-            color="black",
-        )
+    for index, panel in enumerate(panels):
+        fig.figimage(panel, xo=index * (width + _GAP_PX), yo=0, origin="upper", resize=False)
+    y = 1.0 - 0.5 * band / (height + band)
+    if truth is not None:
+        for index, name in enumerate(names):
+            label = f"{title}: {name}" if title and index == 0 else name
+            centre = (index * (width + _GAP_PX) + width / 2) / total
+            fig.text(centre, y, label, ha="center", va="center", fontsize=10, color="black")
+    elif title:
+        fig.text(0.5, y, title, ha="center", va="center", fontsize=10, color="black")
     fig.savefig(os.fspath(path), format="png", dpi=_DPI)

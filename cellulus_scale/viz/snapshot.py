@@ -15,6 +15,8 @@ from cellulus_scale.errors import UserInputError
 from cellulus_scale.io import ome_zarr
 from cellulus_scale.viz.preview import render_preview
 
+GROUND_TRUTH = "ground_truth"  # the label image a preview shows beside the segmentation
+
 
 def _index(value: object, what: str) -> int:
     if isinstance(value, bool):
@@ -33,8 +35,11 @@ def preview_frame(
     output_png: str | os.PathLike[str],
     labels: str = "cellulus",
     channel: int = 0,
+    truth: str | os.PathLike[str] | None = None,
 ) -> Path:
-    """Save a PNG of time point ``frame`` of ``store_path`` with outlines of ``labels/<labels>``.
+    """Save a PNG of time point ``frame`` of ``store_path`` with outlines of ``labels/<labels>``,
+    and beside it the ground truth (``labels/ground_truth`` of ``truth``, or of the store itself
+    where it has one).
 
     The image channel ``channel`` is shown; for 3D data :func:`render_preview` shows the middle z
     plane. Stores left incomplete by an interrupted run, frames or channels out of range and
@@ -73,10 +78,30 @@ def preview_frame(
     if not parent.is_dir():
         raise UserInputError(f"the folder {parent} does not exist", "create it first")
 
-    pixels = np.asarray(image.canonical()[frame, channel].compute(scheduler="threads"))
-    outlines = np.asarray(label_image.canonical()[frame, 0].compute(scheduler="threads"))
+    truth_labels = None
+    truth_path = Path(truth) if truth is not None else store_path
+    if truth is not None or GROUND_TRUTH in image.labels:
+        if truth is not None:
+            ome_zarr.check_complete(truth_path)
+        truth_image = ome_zarr.open_labels(truth_path, GROUND_TRUTH)
+        if truth_image.canonical_shape != label_shape:
+            raise UserInputError(
+                f"the ground truth of {truth_path} (shape {truth_image.data.shape}) does not fit"
+                f" {store_path} (shape {image.data.shape})",
+                "pass --truth with the store the output was computed from",
+            )
+        truth_labels = _frame(truth_image, frame, 0)
+    pixels = _frame(image, frame, channel)
+    outlines = _frame(label_image, frame, 0)
     if pixels.shape[0] == 1:  # a single z plane: show it as a 2D image
         pixels, outlines = pixels[0], outlines[0]
-    title = f"{store_path.name} t={frame} labels={labels}"
-    render_preview(pixels, outlines, output_png, title=title)
+        truth_labels = truth_labels[0] if truth_labels is not None else None
+    title = f"{store_path.name} t={frame}"
+    names = (f"labels/{labels}", "ground truth")
+    render_preview(pixels, outlines, output_png, title=title, truth=truth_labels, names=names)
     return output_png
+
+
+def _frame(image: ome_zarr.OmeImage, frame: int, channel: int) -> np.ndarray:
+    """One frame of one channel, (Z, Y, X)."""
+    return np.asarray(image.canonical()[frame, channel].compute(scheduler="threads"))

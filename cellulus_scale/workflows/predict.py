@@ -17,10 +17,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cellulus_scale.blockwise.engine import RunOptions, run_session
+from cellulus_scale.blockwise.engine import RunOptions, Session, run_session
 from cellulus_scale.blockwise.plan import Plan, make_plan
-from cellulus_scale.blockwise.store import LABELS_NAME, FeatureImage, finish_output
-from cellulus_scale.config import SegmentationConfig, TrackingConfig, default_of
+from cellulus_scale.blockwise.store import LABELS_NAME, WORK_DIR, FeatureImage, finish_output
+from cellulus_scale.config import (
+    AUTO_PRESET,
+    PRESETS,
+    SELF_TRAINING_CPU_MINUTES,
+    Preset,
+    SegmentationConfig,
+    TrackingConfig,
+    auto_preset,
+    default_of,
+)
 from cellulus_scale.errors import UserInputError
 from cellulus_scale.io import ome_zarr
 from cellulus_scale.methods import oce, stardist, watershed
@@ -29,7 +38,13 @@ from cellulus_scale.model.checkpoint import Checkpoint, check_compatible, load_c
 from cellulus_scale.model.device import choose_device
 from cellulus_scale.model.unet import context
 from cellulus_scale.tracking.stages import LinkSettings, finish_tracks, run_linking
+from cellulus_scale.training.loop import TrainResult, training_finished
+from cellulus_scale.training.oce import largest_crop_within, train
+from cellulus_scale.workflows.diameter import estimate_diameter
 from cellulus_scale.workflows.link import link_settings
+
+#: The model a run trained on its input, kept in the output store.
+MODEL_FILE = "model.pt"
 
 #: The methods of a checkpoint's kind (``--method cellulus``).
 MODEL_METHODS: dict[str, Method] = {"oce": oce.METHOD, "stardist": stardist.METHOD}
@@ -51,8 +66,8 @@ class PredictResult:
 def predict(
     input_path: str | os.PathLike[str],
     output_path: str | os.PathLike[str],
-    model_path: str | os.PathLike[str] | None,
-    diameter: float,
+    model_path: str | os.PathLike[str] | None = None,
+    diameter: float | None = None,
     method: str = "cellulus",
     block_size: int | None = None,
     tta: int = default_of(SegmentationConfig, "tta_passes"),
@@ -73,6 +88,14 @@ def predict(
     client: Any = None,
     prob_threshold: float = default_of(SegmentationConfig, "prob_threshold"),
     nms_threshold: float = default_of(SegmentationConfig, "nms_threshold"),
+    train_minutes: float | None = None,
+    preset: str = AUTO_PRESET,
+    train_epochs: int | None = None,
+    scheduler_file: str | os.PathLike[str] | None = None,
+    tls_ca_file: str | os.PathLike[str] | None = None,
+    tls_cert: str | os.PathLike[str] | None = None,
+    tls_key: str | os.PathLike[str] | None = None,
+    slurm: str | os.PathLike[str] | None = None,
     link: bool = False,
     max_gap: int = default_of(TrackingConfig, "max_gap"),
     max_distance: float | None = None,
@@ -80,11 +103,64 @@ def predict(
     """Segment every frame of an OME-Zarr image blockwise on Dask; write ``out.zarr`` with a
     copy of the image and the instance labels ``labels/cellulus`` (NGFF 0.4). With ``link``,
     also link the objects over time in the same run (:func:`~cellulus_scale.workflows.link.link`:
-    ``labels/tracks``, its track table and ``tracks.geff``)."""
+    ``labels/tracks``, its track table and ``tracks.geff``).
+
+    Without ``model_path`` a model is first trained on the input itself (``preset``, for
+    ``train_epochs``, by default the preset's, within ``train_minutes``, by default
+    :data:`~cellulus_scale.config.SELF_TRAINING_CPU_MINUTES` on a CPU and the preset's whole
+    schedule on a GPU) and kept as ``OUT.zarr/model.pt``. Without ``diameter`` the typical
+    object diameter is estimated from the image
+    (:func:`~cellulus_scale.workflows.diameter.estimate_diameter`). Both are recorded in the
+    output's metadata.
+
+    The cluster: ``client`` if given; else the scheduler at ``scheduler`` or named by
+    ``scheduler_file`` (a ``tls://`` one with the PEM files ``tls_ca_file``, ``tls_cert`` and
+    ``tls_key``); else, with ``slurm`` (a ``cluster.yaml``), SLURM jobs submitted for the run;
+    else a local cluster of ``workers`` processes."""
+    from cellulus_scale.blockwise.cluster import connection_options
+
+    connection = connection_options(
+        scheduler, scheduler_file, tls_ca_file, tls_cert, tls_key, slurm
+    )
     image = ome_zarr.open_image(input_path, axes)
     ome_zarr.check_complete(image.path)
     if device == "cuda":
         choose_device(device)  # refuses where no CUDA GPU is available
+    linking = link_settings(LABELS_NAME, max_gap, max_distance) if link else None
+    if not resume:
+        ome_zarr.check_output_path(output_path, overwrite, inputs=[image.path])
+    elif Path(output_path).exists():
+        recorded = ome_zarr.run_status(output_path).get("link")
+        if recorded != (linking.to_json() if linking else None):
+            raise UserInputError(
+                f"--resume: the linking options differ from those of the interrupted run in"
+                f" {output_path}",
+                "rerun with the same --link options, or start again with --overwrite",
+            )
+    ome_zarr.check_sample_finite(image)  # before anything is written
+    self_training = None
+    if model_path is None and method == "cellulus":
+        for choice in PRESETS.values() if preset == AUTO_PRESET else (PRESETS[preset],):
+            trainable_crop(image, choice)  # refuses an image too small before anything starts
+        self_training = SelfTraining(
+            Path(output_path).resolve() / WORK_DIR / MODEL_FILE,
+            preset,
+            train_minutes,
+            train_epochs,
+            device,
+            seed,
+            axes,
+        )
+        model_path = self_training.model_path
+    estimated = diameter is None
+    if diameter is None:
+        found = estimate_diameter(input_path, axes)
+        diameter = found.diameter
+        _say(
+            progress,
+            f"estimated object diameter: {diameter:.1f} px ({found.objects} objects in"
+            f" {found.frames} frames)",
+        )
     segmentation = SegmentationConfig(
         diameter=diameter,
         tta_passes=tta,
@@ -97,25 +173,21 @@ def predict(
         prob_threshold=prob_threshold,
         nms_threshold=nms_threshold,
     )
-    options = RunOptions(scheduler, workers, client, overwrite, resume, progress)
-    linking = link_settings(LABELS_NAME, max_gap, max_distance) if link else None
-    chosen, checkpoint = choose_method(method, model_path)
-    settings = method_settings(image, model_path, segmentation, checkpoint)
-    depth = checkpoint.model_config.depth if checkpoint is not None else 0
+    options = RunOptions(scheduler, workers, client, overwrite, resume, progress, **connection)
+    if self_training is not None:
+        chosen, checkpoint = oce.METHOD, None
+        depth = PRESETS["paper" if preset == AUTO_PRESET else preset].model.depth
+    else:
+        chosen, checkpoint = choose_method(method, model_path)
+        depth = checkpoint.model_config.depth if checkpoint is not None else 0
+    settings = method_settings(image, model_path, segmentation, checkpoint, depth)
     size = choose_block_size(block_size, image.spatial_dims, depth, diameter)
     plan = make_plan(image, output_path, size, device, chosen.name, settings)
-    if not resume:
-        ome_zarr.check_output_path(plan.output_path, overwrite, inputs=[image.path])
-    elif Path(plan.output_path).exists():
-        recorded = ome_zarr.run_status(plan.output_path).get("link")
-        if recorded != (linking.to_json() if linking else None):
-            raise UserInputError(
-                f"--resume: the linking options differ from those of the interrupted run in"
-                f" {plan.output_path}",
-                "rerun with the same --link options, or start again with --overwrite",
-            )
     features = chosen.features(plan, save_embeddings)
-    return run_method(chosen, plan, image, checkpoint, features, options, linking)
+    details = {"diameter": diameter, "diameter_estimated": estimated}
+    return run_method(
+        chosen, plan, image, checkpoint, features, options, self_training, details, linking
+    )
 
 
 def choose_method(
@@ -140,9 +212,10 @@ def method_settings(
     model_path: str | os.PathLike[str] | None,
     segmentation: SegmentationConfig,
     checkpoint: Checkpoint | None,
+    depth: int,
 ) -> MethodSettings:
-    """The settings the plan carries for the method, once the model suits the image and the
-    diameter the frame."""
+    """The settings the plan carries for the method (a network of ``depth``, 0 without one),
+    once the model suits the image and the diameter the frame."""
     if checkpoint is not None:
         check_compatible(checkpoint, image.spatial_dims, image.canonical_shape[1], str(image.path))
     spatial = image.canonical_shape[-image.spatial_dims :]
@@ -155,8 +228,107 @@ def method_settings(
     return MethodSettings(
         segmentation=segmentation,
         model_path=str(Path(model_path).resolve()) if model_path is not None else "",
-        network_context=context(checkpoint.model_config.depth) if checkpoint is not None else 0,
+        network_context=context(depth) if model_path is not None else 0,
     )
+
+
+@dataclass(frozen=True)
+class SelfTraining:
+    """Training on the input itself before predicting: where the model is kept during the run,
+    and how it is trained."""
+
+    model_path: Path
+    preset: str
+    minutes: float | None
+    epochs: int | None
+    device: str
+    seed: int
+    axes: str | None
+
+
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        print(message, flush=True)
+
+
+def trainable_crop(image: ome_zarr.OmeImage, preset: Preset) -> int:
+    """The largest training crop that fits the image, for the preset's network; refuses an
+    image too small to train on."""
+    spatial = image.canonical_shape[-image.spatial_dims :]
+    fits = largest_crop_within(min(spatial), preset.model.depth, preset.train.kappa)
+    if fits is None:
+        raise UserInputError(
+            f"{image.path} ({'x'.join(map(str, spatial))}) is too small to train a model on",
+            "pass --model MODEL.pt, trained with 'cellulus-scale train' on larger images",
+        )
+    return fits
+
+
+def train_here(
+    image_path: str, model_path: Path, minutes: float | None, device: str, **options: Any
+) -> TrainResult:
+    """Train where this runs (a worker, or this process): within ``minutes``, by default
+    :data:`~cellulus_scale.config.SELF_TRAINING_CPU_MINUTES` where the training device is a CPU
+    and the preset's whole schedule on a GPU."""
+    kind = choose_device(device).type
+    if minutes is None and kind != "cuda":
+        minutes = SELF_TRAINING_CPU_MINUTES
+    preset = options.pop("preset")
+    preset = auto_preset(kind) if preset == AUTO_PRESET else preset
+    chosen = PRESETS[preset]
+    image = ome_zarr.open_image(image_path, options.get("axes"))
+    crop = min(chosen.train.crop_size, trainable_crop(image, chosen))
+    return train(
+        image_path,
+        model_path,
+        preset=preset,
+        max_minutes=minutes,
+        device=device,
+        overwrite=True,
+        crop_size=crop,
+        **options,
+    )
+
+
+def train_on_input(session: Session, training: SelfTraining, resume: bool) -> Checkpoint:
+    """Train (or, on resume, continue or reuse) the model on the session's input: in this
+    process on the embedded cluster, else as one task on a worker of the cluster (a GPU worker
+    where there is one), which writes the model through the shared file system."""
+    from cellulus_scale.blockwise.cluster import network_resources
+
+    path = training.model_path
+    if resume and path.exists() and training_finished(load_checkpoint(path, kind="oce")):
+        _say(session.progress, f"reusing the model trained before: {path}")
+        return load_checkpoint(path, kind="oce")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arguments = dict(
+        preset=training.preset,
+        axes=training.axes,
+        minutes=training.minutes,
+        epochs=training.epochs,
+        device=training.device,
+        seed=training.seed,
+        resume=resume and path.exists(),
+        progress=session.progress and session.local,
+    )
+    budget = f"up to {training.minutes:g} min" if training.minutes is not None else "default budget"
+    _say(session.progress, f"training on the input ({budget}) -> {path}")
+    with session.timed("training"):
+        if session.local:
+            result = train_here(session.plan.input_path, path, **arguments)
+        else:
+            resources = network_resources(session.client, training.device)
+            future = session.client.submit(
+                train_here,
+                session.plan.input_path,
+                path,
+                pure=False,
+                resources=resources,
+                **arguments,
+            )
+            result = future.result()
+    _say(session.progress, f"trained {result.steps} steps, loss {result.final_loss:.4f}")
+    return load_checkpoint(path, kind="oce")
 
 
 def run_method(
@@ -166,28 +338,42 @@ def run_method(
     checkpoint: Checkpoint | None,
     features: tuple[FeatureImage, ...],
     options: RunOptions,
+    self_training: SelfTraining | None = None,
+    details: dict[str, Any] | None = None,
     linking: LinkSettings | None = None,
 ) -> PredictResult:
-    """Run the method's stages in a session of the engine, then, with ``linking``, the linking
-    stages on the labels written; then finish the output (pyramids, metadata, tracks, status
-    complete) once the cluster is closed."""
+    """Run the method's stages in a session of the engine (after training the model on the
+    input where ``self_training`` asks for it), then, with ``linking``, the linking stages on
+    the labels written; then finish the output (pyramids, metadata, tracks, status complete)
+    once the cluster is closed."""
+    details = dict(details or {})
     linked = None
     with run_session(plan, image, options, features, method.network) as session:
-        if linking is not None:
-            session.record(link=linking.to_json())
-        result = method.run(session, checkpoint)
-        if linking is not None:
-            linked = run_linking(session, linking)
+        try:
+            if linking is not None:
+                session.record(link=linking.to_json())
+            if self_training is not None:
+                checkpoint = train_on_input(session, self_training, options.resume)
+                check_compatible(
+                    checkpoint, image.spatial_dims, image.canonical_shape[1], str(image.path)
+                )
+            result = method.run(session, checkpoint)
+            if linking is not None:
+                linked = run_linking(session, linking)
+        except UserInputError as error:  # bad input met by a task: say so in the output
+            stopped_on(session, error)
+            raise
     start = time.perf_counter()
-    label_axes, _ = ome_zarr.label_axes_shape(image)
-    details: dict[str, Any] = {}
+    if self_training is not None:
+        details["model"] = str(keep_model(self_training.model_path, Path(plan.output_path)))
     finishing = None
     if linked is not None:
         details["tracks"] = linked.summary()
+        label_space = ome_zarr.label_space(image)
 
         def finishing() -> None:
             begun = time.perf_counter()
-            finish_tracks(session.root, session.plan, linking, linked, label_axes, image.scale)
+            finish_tracks(session.root, session.plan, linking, linked, label_space)
             session.timings["tracks output"] = time.perf_counter() - begun
 
     finish_output(
@@ -212,6 +398,23 @@ def run_method(
         session.timings,
         linked.summary() if linked is not None else None,
     )
+
+
+def stopped_on(session: Session, error: UserInputError) -> None:
+    """A problem of the input or the output stopped the run: the output records it, so that the
+    next command says to fix it and finish with --resume (or start again with --overwrite)."""
+    session.record(stopped=error.problem)
+
+
+def keep_model(model_path: Path, output: Path) -> Path:
+    """Move a model trained during the run (with its loss log and plot) from the run's working
+    folder to ``OUT.zarr/model.pt``, where it stays for reuse with ``--model``."""
+    kept = output / MODEL_FILE
+    for suffix in (".pt", ".loss.csv", ".loss.png"):
+        source = model_path.with_suffix(suffix)
+        if source.exists():
+            os.replace(source, kept.with_suffix(suffix))
+    return kept
 
 
 # --- block size ------------------------------------------------------------------------------
