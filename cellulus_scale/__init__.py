@@ -1,10 +1,10 @@
 """cellulus-scale: unsupervised cell instance segmentation (Cellulus) for large OME-Zarr videos.
 
 The functions behind the commands can be imported from here, e.g. ``from cellulus_scale import
-predict``: ``write_simulation``, ``train``, ``train_supervised``, ``predict``, ``evaluate``,
-``preview_frame``, ``export``, ``run_demo`` (with ``SimulationSpec``) and ``slurm_job_scripts``.
-Each is imported from its module when first used, so importing the package imports neither
-torch nor Dask.
+predict``: ``write_simulation``, ``train``, ``train_supervised``, ``predict``, ``link``,
+``evaluate``, ``evaluate_tracks``, ``export_ctc``, ``preview_frame``, ``export``,
+``run_demo`` (with ``SimulationSpec``) and ``slurm_job_scripts``. Each is imported from its
+module when first used, so importing the package imports neither torch nor Dask.
 """
 
 from __future__ import annotations
@@ -21,7 +21,10 @@ _PUBLIC = {
     "train": "cellulus_scale.training.oce",
     "train_supervised": "cellulus_scale.training.stardist",
     "predict": "cellulus_scale.workflows.predict",
+    "link": "cellulus_scale.workflows.link",
     "evaluate": "cellulus_scale.evaluation.evaluate",
+    "evaluate_tracks": "cellulus_scale.evaluation.tracks",
+    "export_ctc": "cellulus_scale.tracking.export",
     "export": "cellulus_scale.workflows.export",
     "preview_frame": "cellulus_scale.viz.snapshot",
     "run_demo": "cellulus_scale.workflows.demo",
@@ -32,6 +35,9 @@ __all__ = [
     "SimulationSpec",
     "__version__",
     "evaluate",
+    "evaluate_tracks",
+    "export_ctc",
+    "link",
     "export",
     "predict",
     "preview_frame",
@@ -44,14 +50,17 @@ __all__ = [
 
 if TYPE_CHECKING:
     from cellulus_scale.evaluation.evaluate import evaluate
+    from cellulus_scale.evaluation.tracks import evaluate_tracks
     from cellulus_scale.simulation.simulate import SimulationSpec
     from cellulus_scale.simulation.store import write_simulation
+    from cellulus_scale.tracking.export import export_ctc
     from cellulus_scale.training.oce import train
     from cellulus_scale.training.stardist import train_supervised
     from cellulus_scale.viz.snapshot import preview_frame
     from cellulus_scale.workflows.cluster import slurm_job_scripts
     from cellulus_scale.workflows.demo import run_demo
     from cellulus_scale.workflows.export import export
+    from cellulus_scale.workflows.link import link
     from cellulus_scale.workflows.predict import predict
 
 

@@ -280,6 +280,56 @@ class SegmentationConfig:
         return replace(self, **changes)
 
 
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Linking the objects of a video over time (``link``, ``predict --link``). Distances are
+    in pixels; shares and ratios are of pixel counts (areas, or volumes in 3D)."""
+
+    max_gap: int = 2  # frames an object may be missing and still keep its track
+    # centroid displacement beyond which objects that do not overlap are never linked (also the
+    # reach of gap closing); None: the diameter of the median object of the video
+    max_distance: float | None = None
+    min_iou: float = 0.05  # overlapping pairs below this IoU count only by their distance
+    distance_weight: float = 0.5  # bonus of a pair at distance 0 (falls to 0 at max_distance)
+    # A division: one object of frame t covered by two smaller objects of frame t+1 that lie
+    # mostly inside it. A segmentation error (two nuclei merged in t, apart in t+1) has the same
+    # pattern; these bounds were set on simulated divisions (README, "Tracking").
+    division_inside: float = 0.4  # share of each daughter inside the mother, at least
+    division_cover: float = 0.5  # share of the mother the two daughters cover, at least
+    division_area: tuple[float, float] = (0.5, 1.6)  # daughters' summed area / mother's area
+    division_daughter: float = 0.85  # each daughter's area / mother's area, at most
+    division_max_iou: float = 0.55  # a daughter overlapping the mother more continues it
+    # frames the daughters must stay apart: a division whose daughters merge again sooner is one
+    # nucleus the segmentation cut in two
+    division_persist: int = 2
+    # frames a track remembers an object that ended inside it (two nuclei segmented as one):
+    # if it splits within them, that is the two parting, not a division
+    merge_window: int = 10
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_gap, int) or self.max_gap < 0:
+            raise UserInputError(
+                f"--max-gap must be a whole number of frames >= 0, got {self.max_gap}",
+                "use e.g. --max-gap 2 (0 closes no gaps)",
+            )
+        if self.max_distance is not None and not (
+            math.isfinite(self.max_distance) and self.max_distance > 0
+        ):
+            raise UserInputError(
+                f"--max-distance must be a positive number of pixels, got {self.max_distance}",
+                "give the largest displacement of an object between frames (e.g. 24)",
+            )
+
+    def with_distance(self, typical_diameter: float) -> TrackingConfig:
+        """These settings with ``max_distance`` set (the typical diameter where unset)."""
+        if self.max_distance is not None:
+            return self
+        return replace(self, max_distance=max(1.0, float(typical_diameter)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
 def default_of(config: type, name: str) -> Any:
     """The default of a configuration field, so that callers never restate it."""
     return config.__dataclass_fields__[name].default

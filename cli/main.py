@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from cellulus_scale import __version__
-from cellulus_scale.config import PRECISIONS, SegmentationConfig, default_of
+from cellulus_scale.config import PRECISIONS, SegmentationConfig, TrackingConfig, default_of
 from cellulus_scale.errors import UserInputError
 
 
@@ -427,6 +427,25 @@ def train_supervised(image: Path, model: Path, **options: Any) -> None:
     help="StarDist models: overlap above which a candidate is suppressed.",
 )
 @click.option("--save-embeddings", is_flag=True, help="Keep offsets and std as an NGFF image.")
+@click.option(
+    "--link",
+    is_flag=True,
+    help="Also link the objects over time: labels/tracks (one ID per nucleus through time,"
+    " divisions as parent links) and OUTPUT/tracks.geff, as 'link' does.",
+)
+@click.option(
+    "--max-gap",
+    type=int,
+    default=default_of(TrackingConfig, "max_gap"),
+    show_default=True,
+    help="With --link: frames an object may be missing and keep its track.",
+)
+@click.option(
+    "--max-distance",
+    type=float,
+    default=None,
+    help="With --link: largest move (px) between frames (default: the median object's diameter).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--resume", is_flag=True, help="Finish an interrupted run into OUTPUT.")
 @user_errors
@@ -446,6 +465,83 @@ def predict(image: Path, output: Path, model: Path | None, **options: Any) -> No
         f"wrote {result.output}: {result.objects} objects, {result.blocks} blocks per stage"
         f" (computed: {redone}), {total:.1f} s"
     )
+    if result.tracks is not None:
+        _report_tracks(result.output, result.tracks)
+
+
+def _report_tracks(store: Path, tracks: dict[str, Any]) -> None:
+    click.echo(
+        f"tracks: {tracks['tracks']} in labels/tracks ({tracks['full_length_tracks']} span every"
+        f" frame), {tracks['divisions']} divisions, {tracks['gaps_closed']} gaps closed;"
+        f" graph {store / 'tracks.geff'}"
+    )
+
+
+@main.command(epilog="\b\nExample:\n  cellulus-scale link segmented.zarr --max-gap 2")
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option(
+    "--labels",
+    default="cellulus",
+    show_default=True,
+    help="The per-frame instance labels to link (labels/NAME of STORE).",
+)
+@click.option(
+    "--max-gap",
+    type=int,
+    default=default_of(TrackingConfig, "max_gap"),
+    show_default=True,
+    help="Frames an object may be missing and keep its track.",
+)
+@click.option(
+    "--max-distance",
+    type=float,
+    default=None,
+    help="Largest move (px) between frames (default: the median object's diameter).",
+)
+@click.option(
+    "--block-size", type=int, default=None, help="Block side (default: the labels' chunks)."
+)
+@click.option("--scheduler", default=None, help="Address of a Dask scheduler (tcp:// or tls://).")
+@click.option("--workers", type=int, default=None, help="Local workers (default: one per core).")
+@click.option("--overwrite", is_flag=True, help="Replace existing labels/tracks.")
+@click.option("--resume", is_flag=True, help="Finish an interrupted link run.")
+@user_errors
+def link(store: Path, **options: Any) -> None:
+    """Link the objects of STORE's labels over time: writes labels/tracks (one ID per nucleus
+    through time; a division ends the mother's ID and starts two daughters), its track table
+    (ID, first frame, last frame, parent) in its metadata, and the GEFF graph
+    STORE/tracks.geff.
+    """
+    from cellulus_scale.workflows.link import link as run_link
+
+    result = run_link(store, **options)
+    click.echo(
+        f"linked {result.summary['objects']} objects of {result.frames} frames"
+        f" in {result.seconds:.1f} s"
+    )
+    _report_tracks(result.store, result.summary)
+
+
+@main.command(
+    "export-ctc",
+    epilog="\b\nExample:\n  cellulus-scale export-ctc segmented.zarr segmented_RES",
+)
+@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--labels", default="tracks", show_default=True, help="Linked labels to export.")
+@click.option("--overwrite", is_flag=True, help="Write into a folder that is not empty.")
+@user_errors
+def export_ctc(store: Path, folder: Path, labels: str, overwrite: bool) -> None:
+    """Write linked labels in the Cell Tracking Challenge format: FOLDER/maskTTT.tif per frame
+    and FOLDER/res_track.txt (ID, first frame, last frame, parent).
+    """
+    from cellulus_scale.tracking.export import export_ctc as run_export
+
+    done = run_export(store, folder, labels, overwrite)
+    click.echo(
+        f"wrote {done.folder}: {done.frames} masks, {done.tracks} tracks in res_track.txt"
+        f" ({done.split} split at a gap)"
+    )
 
 
 @main.command(
@@ -459,23 +555,55 @@ def predict(image: Path, output: Path, model: Path | None, **options: Any) -> No
     default=None,
     help="Store holding the ground truth (default: PREDICTION itself).",
 )
-@click.option("--pred-labels", default="cellulus", show_default=True)
+@click.option(
+    "--pred-labels",
+    default=None,
+    help="Predicted labels (default: cellulus; with --tracks: tracks).",
+)
 @click.option("--truth-labels", default="ground_truth", show_default=True)
+@click.option(
+    "--tracks",
+    is_flag=True,
+    help="Score tracks instead: the CTC's TRA, DET and LNK and the division F1.",
+)
+@click.option(
+    "--frame-buffer",
+    type=int,
+    default=0,
+    show_default=True,
+    help="With --tracks: also the division F1 allowing divisions this many frames off.",
+)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), default=None)
 @user_errors
 def evaluate(
     prediction: Path,
     truth: Path | None,
-    pred_labels: str,
+    pred_labels: str | None,
     truth_labels: str,
+    tracks: bool,
+    frame_buffer: int,
     json_path: Path | None,
     csv_path: Path | None,
 ) -> None:
-    """Score instance labels against ground truth: F1 at IoU 0.5, SEG, AP 0.5:0.95, per frame."""
+    """Score instance labels against ground truth: F1 at IoU 0.5, SEG, AP 0.5:0.95, per frame;
+    or, with --tracks, the tracks (TRA, DET, LNK, division F1).
+    """
+    if tracks:
+        from cellulus_scale.evaluation.tracks import evaluate_tracks
+
+        if csv_path:
+            raise UserInputError("--csv is for segmentation scores", "use --json with --tracks")
+        track_report = evaluate_tracks(
+            prediction, truth, pred_labels or "tracks", truth_labels, frame_buffer
+        )
+        click.echo(track_report.table())
+        if json_path:
+            track_report.to_json(json_path)
+        return
     from cellulus_scale.evaluation.evaluate import evaluate as run_evaluation
 
-    report = run_evaluation(prediction, truth, pred_labels, truth_labels)
+    report = run_evaluation(prediction, truth, pred_labels or "cellulus", truth_labels)
     click.echo(report.table())
     if json_path:
         report.to_json(json_path)

@@ -97,7 +97,7 @@ def write_layout(path: Path, axes: str) -> Path:
         del attrs["ome"]["omero"]["channels"][1]["window"]
     attrs["ome"]["multiscales"][0]["coordinateTransformations"] = [
         {"type": "scale", "scale": [1.0] * len(axes)},
-        {"type": "translation", "translation": [LAYOUT_TRANSLATION.get(a, 0.0) for a in axes]}
+        {"type": "translation", "translation": [LAYOUT_TRANSLATION.get(a, 0.0) for a in axes]},
     ]
     root.attrs.put(attrs)
     return path

@@ -35,7 +35,5 @@ def test_every_subpackage_is_installed() -> None:
     with (ROOT / "pyproject.toml").open("rb") as handle:
         listed = set(tomllib.load(handle)["tool"]["setuptools"]["packages"])
     package = ROOT / "cellulus_scale"
-    found = {
-        ".".join(init.parent.relative_to(ROOT).parts) for init in package.rglob("__init__.py")
-    }
+    found = {".".join(init.parent.relative_to(ROOT).parts) for init in package.rglob("__init__.py")}
     assert found | {"cellulus_scale.cli"} == listed

@@ -62,9 +62,7 @@ def test_postprocess_drops_speckles_and_stray_parts_and_keeps_nuclei() -> None:
         labels[disc(shape, centre, 12)] = 10 * index
     labels[50:53, 85:88] = 10
     labels[disc(shape, (75, 75), 10)] = 99
-    out = postprocess(
-        labels, intensity, "nucleus", 3, 6, min_size=30, ring=6, min_contrast=1.0
-    )
+    out = postprocess(labels, intensity, "nucleus", 3, 6, min_size=30, ring=6, min_contrast=1.0)
     assert set(np.unique(out)) == {0, 10, 20, 30}
     assert out[51, 86] == 0  # the stray fragment of object 10
     for index in (1, 2, 3):

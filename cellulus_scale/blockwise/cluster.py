@@ -88,9 +88,7 @@ class TLSFiles:
         for name, value in given.items():
             path = Path(value)  # type: ignore[arg-type]
             if not path.is_file():
-                raise UserInputError(
-                    f"{name} {path}: no such file", "give the path of a PEM file"
-                )
+                raise UserInputError(f"{name} {path}: no such file", "give the path of a PEM file")
             if not os.access(path, os.R_OK):
                 raise UserInputError(f"{name} {path} is not readable", "check its permissions")
         files = cls(str(ca_file), str(cert), str(key))

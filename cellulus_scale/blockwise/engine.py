@@ -225,6 +225,30 @@ class Session:
 
 
 @contextlib.contextmanager
+def _client_of(options: RunOptions, plan: Plan, network: bool) -> Iterator[Any]:
+    """``options.client``, or a cluster started for the run (with a worker per GPU where a
+    ``network`` runs on GPUs)."""
+    from cellulus_scale.blockwise.cluster import dask_client, local_gpu_count
+
+    if options.client is not None:
+        yield options.client
+        return
+    uses_gpu = network and plan.device != "cpu" and not options.remote
+    gpus = local_gpu_count() if uses_gpu else 0
+    with dask_client(
+        options.scheduler,
+        options.workers,
+        gpus=gpus,
+        scheduler_file=options.scheduler_file,
+        tls=options.tls,
+        slurm=options.slurm,
+    ) as dask:
+        if options.progress and dask.dashboard_link:
+            print(f"Dask dashboard: {dask.dashboard_link}", flush=True)
+        yield dask
+
+
+@contextlib.contextmanager
 def run_session(
     plan: Plan,
     image: OmeImage,
@@ -235,25 +259,22 @@ def run_session(
     """The session of a run: on ``options.client``, or on a cluster started for it (with a
     worker per GPU where a ``network`` runs on GPUs), with the plan sized to its workers and
     the output store prepared."""
-    from cellulus_scale.blockwise.cluster import dask_client, local_gpu_count, threads_per_host
+    from cellulus_scale.blockwise.cluster import threads_per_host
 
-    if options.client is not None:
-        manager = contextlib.nullcontext(options.client)
-    else:  # a local cluster: with a worker per GPU where the network runs on GPUs
-        uses_gpu = network and plan.device != "cpu" and not options.remote
-        gpus = local_gpu_count() if uses_gpu else 0
-        manager = dask_client(
-            options.scheduler,
-            options.workers,
-            gpus=gpus,
-            scheduler_file=options.scheduler_file,
-            tls=options.tls,
-            slurm=options.slurm,
-        )
-    with manager as dask:
-        if options.progress and dask.dashboard_link:
-            print(f"Dask dashboard: {dask.dashboard_link}", flush=True)
+    with _client_of(options, plan, network) as dask:
         plan = replace(plan, torch_threads=threads_per_host(dask))
         root = prepare_output(plan, image, options.overwrite, options.resume, features)
+        local = options.client is None and not options.remote
+        yield Session(dask, plan, image, root, options.progress, local)
+
+
+@contextlib.contextmanager
+def attach_session(
+    plan: Plan, image: OmeImage, root: zarr.Group, options: RunOptions
+) -> Iterator[Session]:
+    """A session that adds stages to an existing store ``root`` (e.g. linking a finished
+    output), on ``options.client`` or on a cluster started for it; its recorded block results
+    live under the store's work folder as a run's do."""
+    with _client_of(options, plan, network=False) as dask:
         local = options.client is None and not options.remote
         yield Session(dask, plan, image, root, options.progress, local)

@@ -10,7 +10,7 @@ core of the outputs.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,9 +149,7 @@ def label_axes(plan: Plan) -> str:
     return plan.input_axes.replace("c", "")
 
 
-def write_feature_core(
-    plan: Plan, name: str, frame: int, block: Block, values: np.ndarray
-) -> None:
+def write_feature_core(plan: Plan, name: str, frame: int, block: Block, values: np.ndarray) -> None:
     """Write the block's core (channels, *core) of the feature image ``name``."""
     array = output_array(plan, f"{name}/0")
     index = (frame, slice(None)) + block.core
@@ -182,6 +180,11 @@ def prepare_output(
         if status.get("status") != "incomplete":
             what = "is complete" if status.get("status") == "complete" else "has no interrupted run"
             raise UserInputError(f"--resume: {out} {what}", "drop --resume (and pass --overwrite)")
+        if status.get("command", "predict") != "predict":
+            raise UserInputError(
+                f"--resume: {out} holds an interrupted {status['command']} run, not a prediction",
+                f"finish it with '{status['command']} --resume'",
+            )
         if status.get("plan") != json.loads(json.dumps(plan.to_json())):
             raise UserInputError(
                 f"--resume: the settings differ from those of the interrupted run in {out}",
@@ -220,9 +223,7 @@ def _chunks(plan: Plan, axes: str, shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(chunks)
 
 
-def prepare_labels(
-    plan: Plan, image: ome_zarr.OmeImage, root: zarr.Group, objects: int
-) -> bool:
+def prepare_labels(plan: Plan, image: ome_zarr.OmeImage, root: zarr.Group, objects: int) -> bool:
     """Create the label array, in the dtype the object count needs, unless a resumed run
     already has it; True if it was created (the label blocks recorded before are then void)."""
     dtype = ome_zarr.label_dtype(objects)
@@ -254,16 +255,20 @@ def finish_output(
     image: ome_zarr.OmeImage,
     root: zarr.Group,
     features: Sequence[FeatureImage],
+    finishing: Callable[[], None] | None = None,
     **details: object,
 ) -> None:
     """Pyramids and NGFF metadata (the input's units, scale, translation and ``omero`` channels
     carried over; the labels' colours where there are few objects), feature images kept or
-    removed, then mark the store complete with ``details`` (the last write of a run)."""
+    removed, ``finishing()`` (e.g. the tracks' own), then mark the store complete with
+    ``details`` (the last write of a run)."""
     name = Path(plan.input_path).stem
     ome_zarr.finish_multiscale(root, image.space, None, name, omero=image.omero)
     objects = int(details.get("objects", 0))  # type: ignore[call-overload]
     colours = ome_zarr.label_colours(objects) if 0 < objects <= LABEL_COLOURS_MAX else None
     ome_zarr.finish_labels(root, LABELS_NAME, ome_zarr.label_space(image), None, colours)
+    if finishing is not None:
+        finishing()
     for feature in features:
         if feature.keep:
             space = _feature_space(image, "tc" + "zyx"[-plan.spatial_dims :])

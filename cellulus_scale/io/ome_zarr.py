@@ -549,8 +549,7 @@ def complete_omero(omero: dict[str, Any], smallest: da.Array, axes: str) -> dict
         window = channel.get("window")
         keys = ("min", "max", "start", "end")
         if not (
-            isinstance(window, dict)
-            and all(isinstance(window.get(k), int | float) for k in keys)
+            isinstance(window, dict) and all(isinstance(window.get(k), int | float) for k in keys)
         ):
             if ranges is None:
                 other = tuple(i for i in range(smallest.ndim) if i != channel_axis)
@@ -672,7 +671,6 @@ def write_labels(
     da.store(labels.rechunk(chunks), group["0"], lock=False)
     finish_labels(root, name, axes, scale)
     return group
-
 
 
 # --- run status: an output that is incomplete must never look complete ------------------------

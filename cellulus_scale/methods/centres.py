@@ -97,7 +97,6 @@ def number_centres(
     return centres, ids, next_id - 1
 
 
-
 #: A method's labels of one block: (plan, frame, block, stats, centres, ids, dtype, clock) ->
 #: the labels of the block's core, for a frame with signal and centres; ``clock`` records when
 #: each part ended (e.g. ``clock["stitching"] = time.perf_counter()``).

@@ -118,9 +118,7 @@ def _grown_embeddings(
     return region, embeddings, foreground
 
 
-def centres_task(
-    plan: Plan, frame: int, block: Block, stats: Statistics
-) -> dict[str, np.ndarray]:
+def centres_task(plan: Plan, frame: int, block: Block, stats: Statistics) -> dict[str, np.ndarray]:
     """Mean-shift on the grown block; keep the centres whose owner is this block."""
     seg = plan.settings.segmentation
     centres = np.zeros((0, plan.spatial_dims))

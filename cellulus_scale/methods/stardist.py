@@ -159,7 +159,6 @@ def labels_task(
     return {"objects": np.unique(core_labels[core_labels > 0])}
 
 
-
 def run(session: Session, checkpoint: Checkpoint | None) -> MethodResult:
     """Candidates on the GPU workers (if any), numbered over the video, then drawn."""
     assert checkpoint is not None

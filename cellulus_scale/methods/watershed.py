@@ -79,15 +79,11 @@ def _watershed_inputs(plan: Plan, stats: Statistics, frame: int, block: Block):
     seg = plan.settings.segmentation
     region = block.grown(seg.clustering_halo, plan.spatial_shape)
     values = _intensity(plan, frame, region)
-    markers, count, distance, foreground = watershed_markers(
-        values, stats.threshold, seg.diameter
-    )
+    markers, count, distance, foreground = watershed_markers(values, stats.threshold, seg.diameter)
     return region, markers, count, distance, foreground
 
 
-def centres_task(
-    plan: Plan, frame: int, block: Block, stats: Statistics
-) -> dict[str, np.ndarray]:
+def centres_task(plan: Plan, frame: int, block: Block, stats: Statistics) -> dict[str, np.ndarray]:
     """Seed markers on the grown block; keep one position per marker this block owns."""
     centres = np.zeros((0, plan.spatial_dims))
     if stats.frames_with_signal[frame]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from cellulus_scale.io import ome_zarr
+from cellulus_scale.io.tracks import table_from_presence, write_track_table
 from cellulus_scale.simulation.simulate import SimulationSpec, simulate_frames
 
 GROUND_TRUTH = "ground_truth"
@@ -17,7 +18,9 @@ def write_simulation(
     path: str | os.PathLike[str], spec: SimulationSpec, overwrite: bool = False, chunk: int = 256
 ) -> Path:
     """Simulate ``spec`` frame by frame into ``path``: the image (axes tyx or tzyx) and its
-    ground-truth instance labels ``labels/ground_truth`` (IDs kept across frames)."""
+    ground-truth instance labels ``labels/ground_truth`` (IDs kept across frames), whose
+    metadata holds the track table (:mod:`cellulus_scale.io.tracks`: ID, first frame, last
+    frame, parent; the CTC's man_track.txt)."""
     spec.validate()
     path = ome_zarr.check_output_path(path, overwrite)
     if path.exists():
@@ -31,13 +34,21 @@ def write_simulation(
     labels_group = ome_zarr.create_labels(root, GROUND_TRUTH, shape, chunks, np.uint32)
     labels = labels_group["0"]
     divisions = []
+    first: dict[int, int] = {}
+    last: dict[int, int] = {}
     for frame, (raw, truth, divided) in enumerate(simulate_frames(spec)):
         image[frame] = raw
         labels[frame] = truth
         divisions += [[frame, int(m), int(d)] for m, d in divided]
+        for nucleus in np.unique(truth[truth > 0]).tolist():
+            first.setdefault(nucleus, frame)
+            last[nucleus] = frame
     scale = (1.0,) * len(axes)
     ome_zarr.finish_multiscale(root, axes, scale, path.stem)
     ome_zarr.finish_labels(root, GROUND_TRUTH, axes, scale)
+    # the CTC track file (man_track.txt): ID, first frame, last frame, parent
+    parents = {daughter: mother for _, mother, daughter in divisions}
+    write_track_table(path, GROUND_TRUTH, table_from_presence(first, last, parents))
     ome_zarr.mark_status(
         root,
         "complete",

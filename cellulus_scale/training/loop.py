@@ -122,9 +122,7 @@ WARMUP_STEPS = 5
 TIMED_STEPS = 10
 
 
-def planned_steps(
-    total_steps: int, step: int, elapsed: float, pace: float, budget: float
-) -> int:
+def planned_steps(total_steps: int, step: int, elapsed: float, pace: float, budget: float) -> int:
     """The run's length at ``step``, ``elapsed`` seconds into it, going at ``pace`` seconds a
     step: ``total_steps``, or fewer where the rest would not fit 95% of the ``budget``."""
     if pace <= 0:

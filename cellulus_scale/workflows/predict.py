@@ -19,13 +19,14 @@ from typing import Any
 
 from cellulus_scale.blockwise.engine import RunOptions, Session, run_session
 from cellulus_scale.blockwise.plan import Plan, make_plan
-from cellulus_scale.blockwise.store import WORK_DIR, FeatureImage, finish_output
+from cellulus_scale.blockwise.store import LABELS_NAME, WORK_DIR, FeatureImage, finish_output
 from cellulus_scale.config import (
     AUTO_PRESET,
     PRESETS,
     SELF_TRAINING_CPU_MINUTES,
     Preset,
     SegmentationConfig,
+    TrackingConfig,
     auto_preset,
     default_of,
 )
@@ -36,9 +37,11 @@ from cellulus_scale.methods.base import Method, MethodSettings, Statistics
 from cellulus_scale.model.checkpoint import Checkpoint, check_compatible, load_checkpoint
 from cellulus_scale.model.device import choose_device
 from cellulus_scale.model.unet import context
+from cellulus_scale.tracking.stages import LinkSettings, finish_tracks, run_linking
 from cellulus_scale.training.loop import TrainResult, training_finished
 from cellulus_scale.training.oce import largest_crop_within, train
 from cellulus_scale.workflows.diameter import estimate_diameter
+from cellulus_scale.workflows.link import link_settings
 
 #: The model a run trained on its input, kept in the output store.
 MODEL_FILE = "model.pt"
@@ -57,6 +60,7 @@ class PredictResult:
     blocks: int
     recomputed: dict[str, int]  # per stage, the blocks computed rather than found recorded
     seconds: dict[str, float]  # per part of the run
+    tracks: dict[str, Any] | None = None  # with link: the counts of the linking
 
 
 def predict(
@@ -92,9 +96,14 @@ def predict(
     tls_cert: str | os.PathLike[str] | None = None,
     tls_key: str | os.PathLike[str] | None = None,
     slurm: str | os.PathLike[str] | None = None,
+    link: bool = False,
+    max_gap: int = default_of(TrackingConfig, "max_gap"),
+    max_distance: float | None = None,
 ) -> PredictResult:
     """Segment every frame of an OME-Zarr image blockwise on Dask; write ``out.zarr`` with a
-    copy of the image and the instance labels ``labels/cellulus`` (NGFF 0.4).
+    copy of the image and the instance labels ``labels/cellulus`` (NGFF 0.4). With ``link``,
+    also link the objects over time in the same run (:func:`~cellulus_scale.workflows.link.link`:
+    ``labels/tracks``, its track table and ``tracks.geff``).
 
     Without ``model_path`` a model is first trained on the input itself (``preset``, for
     ``train_epochs``, by default the preset's, within ``train_minutes``, by default
@@ -117,8 +126,17 @@ def predict(
     ome_zarr.check_complete(image.path)
     if device == "cuda":
         choose_device(device)  # refuses where no CUDA GPU is available
+    linking = link_settings(LABELS_NAME, max_gap, max_distance) if link else None
     if not resume:
         ome_zarr.check_output_path(output_path, overwrite, inputs=[image.path])
+    elif Path(output_path).exists():
+        recorded = ome_zarr.run_status(output_path).get("link")
+        if recorded != (linking.to_json() if linking else None):
+            raise UserInputError(
+                f"--resume: the linking options differ from those of the interrupted run in"
+                f" {output_path}",
+                "rerun with the same --link options, or start again with --overwrite",
+            )
     ome_zarr.check_sample_finite(image)  # before anything is written
     self_training = None
     if model_path is None and method == "cellulus":
@@ -167,7 +185,9 @@ def predict(
     plan = make_plan(image, output_path, size, device, chosen.name, settings)
     features = chosen.features(plan, save_embeddings)
     details = {"diameter": diameter, "diameter_estimated": estimated}
-    return run_method(chosen, plan, image, checkpoint, features, options, self_training, details)
+    return run_method(
+        chosen, plan, image, checkpoint, features, options, self_training, details, linking
+    )
 
 
 def choose_method(
@@ -320,35 +340,55 @@ def run_method(
     options: RunOptions,
     self_training: SelfTraining | None = None,
     details: dict[str, Any] | None = None,
+    linking: LinkSettings | None = None,
 ) -> PredictResult:
     """Run the method's stages in a session of the engine (after training the model on the
-    input where ``self_training`` asks for it), then finish the output (pyramids, metadata,
-    status complete) once the cluster is closed."""
+    input where ``self_training`` asks for it), then, with ``linking``, the linking stages on
+    the labels written; then finish the output (pyramids, metadata, tracks, status complete)
+    once the cluster is closed."""
     details = dict(details or {})
+    linked = None
     with run_session(plan, image, options, features, method.network) as session:
         try:
+            if linking is not None:
+                session.record(link=linking.to_json())
             if self_training is not None:
                 checkpoint = train_on_input(session, self_training, options.resume)
                 check_compatible(
                     checkpoint, image.spatial_dims, image.canonical_shape[1], str(image.path)
                 )
             result = method.run(session, checkpoint)
+            if linking is not None:
+                linked = run_linking(session, linking)
         except UserInputError as error:  # bad input met by a task: say so in the output
             stopped_on(session, error)
             raise
     start = time.perf_counter()
     if self_training is not None:
         details["model"] = str(keep_model(self_training.model_path, Path(plan.output_path)))
+    finishing = None
+    if linked is not None:
+        details["tracks"] = linked.summary()
+        label_space = ome_zarr.label_space(image)
+
+        def finishing() -> None:
+            begun = time.perf_counter()
+            finish_tracks(session.root, session.plan, linking, linked, label_space)
+            session.timings["tracks output"] = time.perf_counter() - begun
+
     finish_output(
         session.plan,
         image,
         session.root,
         features,
+        finishing,
         objects=result.objects,
         statistics=asdict(result.statistics),
         **details,
     )
-    session.timings["writing"] = time.perf_counter() - start
+    session.timings["writing"] = (
+        time.perf_counter() - start - session.timings.get("tracks output", 0.0)
+    )
     return PredictResult(
         Path(plan.output_path),
         result.objects,
@@ -356,6 +396,7 @@ def run_method(
         len(plan.work),
         session.recomputed,
         session.timings,
+        linked.summary() if linked is not None else None,
     )
 
 
