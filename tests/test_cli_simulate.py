@@ -110,8 +110,10 @@ def test_every_subcommand_help_ends_with_an_example(cli_runner):
         result = invoke(cli_runner, name, "--help")
         assert result.exit_code == 0, (name, result.output)
         lines = [line.strip() for line in result.stdout.strip().splitlines()]
-        assert lines[-2] == "Example:", (name, lines[-3:])
-        assert lines[-1].startswith(f"cellulus-scale {name}"), (name, lines[-1])
+        heading = max(i for i, line in enumerate(lines) if line in ("Example:", "Examples:"))
+        examples = lines[heading + 1 :]
+        assert examples, (name, lines[-3:])
+        assert all(line.startswith(f"cellulus-scale {name}") for line in examples), (name, examples)
 
 
 # --- simulate ----------------------------------------------------------------------------
