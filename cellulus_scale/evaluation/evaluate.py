@@ -14,6 +14,7 @@ import csv
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,37 @@ def _score_pair(truth: np.ndarray, pred: np.ndarray) -> FrameScores:
     return score_frame(np.asarray(truth), np.asarray(pred))
 
 
+def score_frames(
+    pred_path: str | os.PathLike[str],
+    truth_path: str | os.PathLike[str] | None,
+    pred_labels: str,
+    truth_labels: str,
+    kernel: Callable[[np.ndarray, np.ndarray], Any],
+    client: Any = None,
+) -> tuple[list[Any], int]:
+    """``kernel(truth_frame, pred_frame)`` for every frame of two label images, one Dask task
+    per frame, on ``client`` if given, else with Dask's threaded scheduler; the results in frame
+    order and the number of z planes. Both stores must be complete, and the label images of
+    one size with one channel (length-1 axes may differ)."""
+    pred_path = Path(pred_path)
+    truth_path = Path(truth_path) if truth_path is not None else pred_path
+    ome_zarr.check_complete(pred_path)
+    if truth_path != pred_path:
+        ome_zarr.check_complete(truth_path)
+    pred = ome_zarr.open_labels(pred_path, pred_labels)
+    truth = ome_zarr.open_labels(truth_path, truth_labels)
+    pred_frames = _label_frames(pred, "predicted")
+    truth_frames = _label_frames(truth, "ground-truth")
+    _check_shapes(truth, pred, truth_frames, pred_frames)
+    tasks = [
+        dask.delayed(kernel, pure=True)(_squeeze_z(truth_frames[t]), _squeeze_z(pred_frames[t]))
+        for t in range(truth_frames.shape[0])
+    ]
+    if client is not None:
+        return list(client.gather(client.compute(tasks))), truth_frames.shape[1]
+    return list(dask.compute(*tasks, scheduler="threads")), truth_frames.shape[1]
+
+
 def evaluate(
     pred_path: str | os.PathLike[str],
     truth_path: str | os.PathLike[str] | None = None,
@@ -194,27 +226,7 @@ def evaluate(
     Frames are scored in parallel, one Dask task per frame, on ``client`` (a
     ``distributed.Client``) if given, else with Dask's threaded scheduler.
     """
-    pred_path = Path(pred_path)
-    truth_path = Path(truth_path) if truth_path is not None else pred_path
-    ome_zarr.check_complete(pred_path)
-    if truth_path != pred_path:
-        ome_zarr.check_complete(truth_path)
-    pred = ome_zarr.open_labels(pred_path, pred_labels)
-    truth = ome_zarr.open_labels(truth_path, truth_labels)
-    pred_frames = _label_frames(pred, "predicted")
-    truth_frames = _label_frames(truth, "ground-truth")
-    _check_shapes(truth, pred, truth_frames, pred_frames)
-
-    tasks = [
-        dask.delayed(_score_pair, pure=True)(
-            _squeeze_z(truth_frames[t]), _squeeze_z(pred_frames[t])
-        )
-        for t in range(truth_frames.shape[0])
-    ]
-    if client is not None:
-        frames = list(client.gather(client.compute(tasks)))
-    else:
-        frames = list(dask.compute(*tasks, scheduler="threads"))
+    frames, _ = score_frames(pred_path, truth_path, pred_labels, truth_labels, _score_pair, client)
     return EvaluationReport(
         frames=frames,
         overall=combine(frames),

@@ -24,11 +24,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import dask
 import numpy as np
 
 from cellulus_scale.errors import UserInputError
-from cellulus_scale.evaluation.evaluate import _check_shapes, _label_frames, _squeeze_z
+from cellulus_scale.evaluation.evaluate import score_frames
 from cellulus_scale.evaluation.metrics import overlap_table
 from cellulus_scale.io import ome_zarr
 from cellulus_scale.io.tracks import read_track_table
@@ -203,24 +202,9 @@ def evaluate_tracks(
         )
     pred_path = Path(pred_path)
     truth_path = Path(truth_path) if truth_path is not None else pred_path
-    ome_zarr.check_complete(pred_path)
-    if truth_path != pred_path:
-        ome_zarr.check_complete(truth_path)
-    pred = ome_zarr.open_labels(pred_path, pred_labels)
-    truth = ome_zarr.open_labels(truth_path, truth_labels)
-    pred_frames = _label_frames(pred, "predicted")
-    truth_frames = _label_frames(truth, "ground-truth")
-    _check_shapes(truth, pred, truth_frames, pred_frames)
-    tasks = [
-        dask.delayed(frame_matches, pure=True)(
-            _squeeze_z(truth_frames[t]), _squeeze_z(pred_frames[t])
-        )
-        for t in range(truth_frames.shape[0])
-    ]
-    if client is not None:
-        frames = list(client.gather(client.compute(tasks)))
-    else:
-        frames = list(dask.compute(*tasks, scheduler="threads"))
+    frames, planes = score_frames(
+        pred_path, truth_path, pred_labels, truth_labels, frame_matches, client
+    )
     true_parents = _parents(truth_path, truth_labels)
     pred_parents = _parents(pred_path, pred_labels)
 
@@ -232,7 +216,7 @@ def evaluate_tracks(
             for t, frame in enumerate(frames)
             for a, b in frame[kind]
         ]
-        locations = ("y", "x") if truth_frames.shape[1] == 1 else ("z", "y", "x")
+        locations = ("y", "x") if planes == 1 else ("z", "y", "x")
         return Matched(
             TrackingGraph(true_graph, location_keys=locations, name="truth"),
             TrackingGraph(pred_graph, location_keys=locations, name="prediction"),
