@@ -42,12 +42,12 @@ def true_diameter(video: Path) -> float:
     return float(np.median(2 * np.sqrt(areas / np.pi)))
 
 
-def row(name: str, video: Path, folder: Path, seed: int) -> None:
+def row(name: str, video: Path, folder: Path, seed: int, minutes: float | None) -> None:
     truth = true_diameter(video)
     estimate = estimate_diameter(video).diameter
     literal = folder / f"{name}-literal.zarr"
     start = time.perf_counter()
-    predict(video, literal, seed=seed, progress=False, overwrite=True)
+    predict(video, literal, seed=seed, progress=False, overwrite=True, train_minutes=minutes)
     literal_s = time.perf_counter() - start
     scores = evaluate(literal, video).overall
     explicit = folder / f"{name}-explicit.zarr"
@@ -70,6 +70,9 @@ def main() -> None:
     parser.add_argument("--diameters", default="12,24,48,96", help="simulated nucleus sizes")
     parser.add_argument("--frames", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--train-minutes", type=float, default=None, help="the training budget (default: predict's)"
+    )
     args = parser.parse_args()
     print(
         "| data | true diameter | estimate | error | F1, literal | SEG, literal | s |"
@@ -82,14 +85,20 @@ def main() -> None:
             video = Path(args.real).resolve()
             if args.fields:
                 video = sample_fields(video, args.fields, folder)
-            row(video.stem, video, folder, args.seed)
+            row(video.stem, video, folder, args.seed, args.train_minutes)
         for diameter in [float(d) for d in args.diameters.split(",") if d]:
             side = int(min(1024, max(192, 10 * diameter)))
             spec = SimulationSpec(
                 frames=args.frames, shape=(side, side), diameter=diameter, seed=args.seed + 3
             )
             video = write_simulation(folder / f"d{diameter:g}.zarr", spec)
-            row(f"simulated, d {diameter:g} ({side}x{side})", video, folder, args.seed)
+            row(
+                f"simulated, d {diameter:g} ({side}x{side})",
+                video,
+                folder,
+                args.seed,
+                args.train_minutes,
+            )
 
 
 if __name__ == "__main__":
