@@ -392,6 +392,14 @@ def train_supervised(image: Path, model: Path, **options: Any) -> None:
     show_default=True,
     help="Post-processing.",
 )
+@click.option(
+    "--nucleus-threshold",
+    type=click.Choice(["otsu", "log-otsu"]),
+    default=default_of(SegmentationConfig, "nucleus_threshold"),
+    show_default=True,
+    help="--mode nucleus: Otsu of each object's intensities, or of their logarithm (keeps the"
+    " dim, blurred rims of bright, textured nuclei).",
+)
 @click.option("--threshold", type=float, default=None, help="Foreground std threshold (Otsu).")
 @click.option(
     "--min-contrast",

@@ -1,9 +1,10 @@
 """3D accuracy benchmark: a real anisotropic embryo stack and a simulated anisotropic video.
 
-Each row runs the one command with default settings, ``predict IN OUT`` (train on the input
-itself, estimate the diameter, segment blockwise), and scores it against the ground truth with
-:func:`cellulus_scale.evaluation.evaluate.evaluate` (F1 at IoU 0.5, SEG, AP 0.5:0.95). The voxel
-size comes from each store's NGFF scale.
+Each data set gets two rows: the one command with default settings, ``predict IN OUT`` (train
+on the input itself, estimate the diameter, segment blockwise), then the model it trained and
+the diameter it estimated with ``--nucleus-threshold log-otsu``; both scored against the ground
+truth with :func:`cellulus_scale.evaluation.evaluate.evaluate` (F1 at IoU 0.5, SEG, AP
+0.5:0.95). The voxel size comes from each store's NGFF scale.
 
 - real: ``--real STORE`` (e.g. ``../shared/data/bbbc050-embryo8.zarr``: 51 x 120 x 122 voxels,
   z step 2.18 pixels, 8 nuclei, ``labels/ground_truth``), read in place;
@@ -31,32 +32,51 @@ from cellulus_scale.simulation.store import write_simulation
 from cellulus_scale.workflows.predict import predict
 
 HEADER = (
-    "| data | voxel z:y:x | F1 | SEG | AP | true / found | diameter px | training steps |"
-    " training s | total s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    "| data | voxel z:y:x | settings | F1 | SEG | AP | true / found | diameter px |"
+    " training steps | training s | total s |\n| --- | --- | --- | --- | --- | --- | --- | --- |"
+    " --- | --- | --- |"
 )
 
 
-def run_row(name: str, store: Path, work: Path, options: dict) -> str:
-    """The one command on ``store`` with ``options``, scored against its ground truth."""
+def run_rows(name: str, store: Path, work: Path, options: dict) -> list[str]:
+    """The one command on ``store`` with ``options``, then its model with log-Otsu nuclei,
+    each scored against the store's ground truth."""
     image = ome_zarr.open_image(store)
     spacing = ome_zarr.voxel_spacing(image) or (1.0, 1.0, 1.0)
-    out = work / f"{name.replace(' ', '_')}.zarr"
+    out = work / f"{name.replace(' ', '_').replace(',', '')}.zarr"
     started = time.perf_counter()
-    result = predict(store, out, overwrite=True, progress=True, **options)
+    predict(store, out, overwrite=True, progress=True, **options)
     seconds = time.perf_counter() - started
-    report = evaluate(out, store)
-    scores = report.overall
     attrs = ome_zarr.run_status(out)
+    diameter = float(attrs["diameter"])
     log = (out / "model.loss.csv").read_text().strip().splitlines()
     steps = int(log[-1].split(",")[0]) if len(log) > 1 else 0
-    train_s = float(log[-1].split(",")[-3]) if len(log) > 1 else 0.0
-    print(json.dumps({"data": name, **report.rows()[-1]}, default=str), flush=True)
-    return (
-        f"| {name} | {':'.join(f'{v:g}' for v in spacing)} | {scores.f1:.3f} | {scores.seg:.3f} |"
-        f" {scores.ap:.3f} | {scores.n_true} / {scores.n_pred} |"
-        f" {attrs.get('diameter', float('nan')):.1f} | {steps} | {train_s:.0f} | {seconds:.0f} |"
-        f" <!-- {result.objects} objects -->"
+    train_s = float(log[-1].split(",")[-2]) if len(log) > 1 else 0.0
+    rows = []
+    variant = out.with_name(out.stem + "_log.zarr")
+    began = time.perf_counter()
+    predict(
+        store,
+        variant,
+        out / "model.pt",
+        diameter=diameter,
+        nucleus_threshold="log-otsu",
+        overwrite=True,
+        progress=False,
+        workers=options["workers"],
+        seed=options["seed"],
     )
+    variant_s = time.perf_counter() - began
+    for path, settings, total in ((out, "defaults", seconds), (variant, "log-otsu", variant_s)):
+        report = evaluate(path, store)
+        scores = report.overall
+        print(json.dumps({"data": name, "settings": settings, **report.rows()[-1]}), flush=True)
+        rows.append(
+            f"| {name} | {':'.join(f'{v:g}' for v in spacing)} | {settings} | {scores.f1:.3f} |"
+            f" {scores.seg:.3f} | {scores.ap:.3f} | {scores.n_true} / {scores.n_pred} |"
+            f" {diameter:.1f} | {steps} | {train_s:.0f} | {total:.0f} |"
+        )
+    return rows
 
 
 def main() -> None:
@@ -80,7 +100,7 @@ def main() -> None:
     rows = []
     try:
         if args.real is not None:
-            rows.append(run_row(args.real.stem, args.real, work, options))
+            rows += run_rows(args.real.stem, args.real, work, options)
         if args.frames > 0:
             height, width = (int(v) for v in args.shape.split(","))
             spec = SimulationSpec(
@@ -94,7 +114,7 @@ def main() -> None:
             name = (
                 f"simulated {args.frames}x{args.depth}x{height}x{width}, z-scale {args.z_scale:g}"
             )
-            rows.append(run_row(name, video, work, options))
+            rows += run_rows(name, video, work, options)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)

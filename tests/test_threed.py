@@ -105,6 +105,19 @@ def test_physical_embeddings_and_sizes() -> None:
     assert (physical > 0).sum() == 3 * (voxels > 0).sum() > 0
 
 
+def test_log_otsu_keeps_the_dim_rim_of_a_bright_textured_nucleus() -> None:
+    """A nucleus with a bright core, a dim rim and background around it: Otsu of the
+    intensities splits core from rim, Otsu of their logarithm keeps the rim."""
+    grid = np.indices((24, 24)) - 11.5
+    radius = np.hypot(*grid)
+    intensity = np.where(radius < 5, 2000.0, np.where(radius < 9, 400.0, 100.0))
+    labels = (radius < 11).astype(np.uint32)
+    plain = postprocess(labels, intensity, "nucleus", 0, 0, 0)
+    logged = postprocess(labels, intensity, "nucleus", 0, 0, 0, log_threshold=True)
+    assert (plain > 0).sum() == (radius < 5).sum()
+    assert (logged > 0).sum() == (radius < 9).sum()
+
+
 def test_anisotropic_video_end_to_end_through_the_cli(thin: Path, tmp_path: Path) -> None:
     """simulate --z-scale, train, predict and evaluate on the command line: the model keeps
     the voxel size and pools in-plane first, the output keeps the input's scale."""

@@ -170,9 +170,9 @@ def postprocess_cell(
     return result
 
 
-def postprocess_nucleus(labels: np.ndarray, intensity: np.ndarray) -> np.ndarray:
-    """'nucleus' mode: inside each instance keep pixels above its Otsu intensity threshold,
-    then fill holes."""
+def postprocess_nucleus(labels: np.ndarray, intensity: np.ndarray, log: bool = False) -> np.ndarray:
+    """'nucleus' mode: inside each instance keep pixels above its Otsu intensity threshold
+    (with ``log``, Otsu of the log intensities), then fill holes."""
     result = np.zeros_like(labels)
     for index, region in enumerate(ndimage.find_objects(labels), start=1):
         if region is None:
@@ -182,10 +182,18 @@ def postprocess_nucleus(labels: np.ndarray, intensity: np.ndarray) -> np.ndarray
         if values.size < 2 or values.min() == values.max():
             kept = mask
         else:
-            kept = mask & (intensity[region] > threshold_otsu(values))
+            kept = mask & (intensity[region] > _nucleus_threshold(values, log))
             kept = ndimage.binary_fill_holes(kept) & (mask | ndimage.binary_fill_holes(mask))
         result[region][kept] = index
     return result
+
+
+def _nucleus_threshold(values: np.ndarray, log: bool) -> float:
+    """Otsu's threshold of ``values``, or of their logarithm (shifted to start at 1)."""
+    if not log:
+        return float(threshold_otsu(values))
+    low = float(values.min())
+    return float(np.expm1(threshold_otsu(np.log1p(values - low)))) + low
 
 
 def relabel_sequential_ids(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -262,19 +270,21 @@ def postprocess(
     ring: int = 0,
     min_contrast: float | None = None,
     sampling: Sequence[float] | None = None,
+    log_threshold: bool = False,
 ) -> np.ndarray:
     """Post-process instance labels of a region (any IDs): shape by ``mode``, then keep each
     object's largest connected part, drop objects under ``min_size`` (voxels) and, with
     ``min_contrast``, objects whose mean intensity stands less than ``min_contrast`` standard
     deviations above their surroundings (:func:`object_contrast` with ``ring``). ``sampling``:
-    the voxel size per axis, so that distances are physical (None: isotropic)."""
+    the voxel size per axis, so that distances are physical (None: isotropic);
+    ``log_threshold``: 'nucleus' mode thresholds the log intensities."""
     compact, ids = relabel_sequential_ids(labels)
     if mode == "cell":
         compact = postprocess_cell(compact, grow, shrink, sampling)
     elif mode == "nucleus":
         if intensity is None:
             raise ValueError("nucleus mode needs the intensity image")
-        compact = postprocess_nucleus(compact, intensity)
+        compact = postprocess_nucleus(compact, intensity, log_threshold)
     if mode != "none":
         compact = keep_largest_components(compact)
     sizes = np.bincount(compact.ravel(), minlength=len(ids))
