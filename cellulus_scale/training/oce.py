@@ -227,11 +227,15 @@ def train(
     image, torch_device = open_training_image(image_path, options)
     if image.spatial_dims == 3:
         spacing = voxel_spacing(image, voxel_size)
-        overrides["spacing"] = spacing
+        if not resume or voxel_size is not None:  # a resumed run keeps the checkpoint's
+            overrides["spacing"] = spacing
         if "crop_size" not in overrides and not resume:
             name = auto_preset(choose_device(device).type) if preset == AUTO_PRESET else preset
             if name in PRESETS:
-                overrides["crop_size"] = volume_crop_side(image, PRESETS[name], spacing)
+                chosen = PRESETS[name]
+                if "depth" in overrides:
+                    chosen = replace(chosen, model=replace(chosen.model, depth=overrides["depth"]))
+                overrides["crop_size"] = volume_crop_side(image, chosen, spacing)
     setup = prepare_training(image, model_path, OCE, options, overrides)
     train_config: TrainConfig = setup.train_config
     spacing_used = setup.model_config.spacing
