@@ -15,6 +15,7 @@ from cellulus_scale.errors import UserInputError
 
 Damping = Literal["seed", "reference"]
 Mode = Literal["cell", "nucleus", "none"]
+NucleusThreshold = Literal["otsu", "log-otsu"]
 Precision = Literal["float32", "tf32", "bfloat16"]
 PRECISIONS: tuple[str, ...] = ("float32", "tf32", "bfloat16")
 
@@ -29,17 +30,46 @@ class ModelConfig:
     feature_maps: int = 64
     feature_factor: int = 3
     out_channels: int | None = None  # None: one output per spatial dimension (OCE offsets)
+    # The voxel size per spatial axis in in-plane pixels (3D: (z step, 1, 1)); None: isotropic.
+    # OCE offsets are predicted in these units (physical space, in in-plane pixels).
+    spacing: tuple[float, ...] | None = None
 
     @property
     def outputs(self) -> int:
         return self.spatial_dims if self.out_channels is None else self.out_channels
 
+    @property
+    def flat_levels(self) -> int:
+        """The first levels that pool (1, 2, 2) and convolve 1x3x3 (3D only): those where the z
+        step is still at least :data:`ANISOTROPY_FACTOR` times the level's in-plane pixel, as
+        anisotropic 3D U-Nets do; 0 for isotropic data and 2D."""
+        if self.spatial_dims != 3 or self.spacing is None:
+            return 0
+        ratio = float(self.spacing[0]) / float(min(self.spacing[1:]))
+        levels = 0
+        while levels < self.depth and ratio / 2**levels >= ANISOTROPY_FACTOR:
+            levels += 1
+        return levels
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        values = asdict(self)
+        if self.spacing is None:  # checkpoints of isotropic data keep their earlier layout
+            del values["spacing"]
+        else:
+            values["spacing"] = [float(v) for v in self.spacing]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        values = dict(values)
+        if values.get("spacing") is not None:
+            values["spacing"] = tuple(float(v) for v in values["spacing"])
         return cls(**values)
+
+
+#: A level of a 3D U-Net pools and convolves only in-plane while the z step is at least this many
+#: times its in-plane pixel (e.g. a z step of 2.18 px: the first level; of 5 px: the first two).
+ANISOTROPY_FACTOR = 2.0
 
 
 @dataclass(frozen=True)
@@ -53,7 +83,12 @@ class CropTraining:
     budget scale it.
     """
 
-    crop_size: int = 252
+    crop_size: int = 252  # the crop side in pixels (in-plane side for 3D images)
+    # 3D images: the in-plane crop side unless --crop-size is given (cubes of ``crop_size``
+    # would not fit a thin stack or a CPU step), and the planes per crop (None: the physical
+    # extent of the in-plane side, at most the whole stack, so a thin stack trains whole in z)
+    volume_crop_size: int = 96
+    crop_depth: int | None = None
     batch_size: int = 8
     learning_rate: float = 4e-5
     epochs: int = 50
@@ -108,8 +143,12 @@ PRESETS: dict[str, Preset] = {
     "cpu": Preset(
         "cpu",
         ModelConfig(feature_maps=32),
+        # 3D: 64 px in-plane crops, chosen on real data (README, "3D"): on the embryo, 48 px
+        # crops (anchors only 12 px in-plane within the kappa margin) matched no nucleus after 10
+        # minutes, where 64 px crops put one object on each of the 8.
         TrainConfig(
             crop_size=124,
+            volume_crop_size=64,
             batch_size=4,
             learning_rate=1e-3,
             epochs=10,
@@ -199,6 +238,10 @@ class SegmentationConfig:
     # Chosen on real data (README, "Accuracy on real images"): nucleus outlines from the
     # intensity inside each object; 'cell' (the paper's grow/shrink) cuts nuclei short there.
     mode: Mode = "nucleus"
+    # 'nucleus' mode's threshold inside each object: Otsu of the intensities (the paper), or of
+    # their logarithm ('log-otsu'), which keeps the dim, blurred rim of bright, textured nuclei
+    # (README, "3D": on the real embryo it keeps the z-blurred rims that Otsu cuts off)
+    nucleus_threshold: NucleusThreshold = "otsu"
     # Objects must stand this many standard deviations of their surroundings above them (their
     # mean intensity against a ring of d/4 around them); None keeps every object. Chosen on real
     # data (README, "Accuracy on real images"): it removes the speckle objects that unstable
@@ -221,6 +264,10 @@ class SegmentationConfig:
         if self.tta_passes < 1:
             raise UserInputError(
                 f"--tta must be at least 1, got {self.tta_passes}", "use e.g. --tta 32"
+            )
+        if self.nucleus_threshold not in ("otsu", "log-otsu"):
+            raise UserInputError(
+                f"unknown nucleus threshold '{self.nucleus_threshold}'", "use otsu or log-otsu"
             )
         if self.precision not in PRECISIONS:
             raise UserInputError(

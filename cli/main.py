@@ -62,7 +62,12 @@ TRAINING_OPTIONS = [
     ),
     click.option("--seed", default=0, show_default=True),
     click.option("--axes", default=None, help="Axis names of a plain zarr array, e.g. tyx."),
-    click.option("--crop-size", type=int, default=None, help="Crop side (preset default)."),
+    click.option(
+        "--crop-size",
+        type=int,
+        default=None,
+        help="Crop side; in-plane side for 3D images (preset default).",
+    ),
     click.option("--batch-size", type=int, default=None, help="Crops per batch (preset default)."),
     click.option("--learning-rate", type=float, default=None, help="Adam learning rate."),
     click.option("--feature-maps", type=int, default=None, help="Feature maps of the first level."),
@@ -116,6 +121,30 @@ class OptionalFloat(click.ParamType):
             self.fail(f"'{value}' is neither a number nor 'off'", param, ctx)
 
 
+class VoxelSize(click.ParamType):
+    """Three positive numbers Z,Y,X."""
+
+    name = "Z,Y,X"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> tuple[float, ...] | None:
+        if value is None or isinstance(value, tuple):
+            return value
+        try:
+            values = tuple(float(v) for v in str(value).split(","))
+        except ValueError:
+            values = ()
+        if len(values) != 3 or not all(v > 0 for v in values):
+            self.fail(
+                f"'{value}' is not three positive numbers Z,Y,X (e.g. 2.0,0.5,0.5)", param, ctx
+            )
+        return values
+
+
+VOXEL_SIZE_HELP = (
+    "3D: the voxel size Z,Y,X (any one unit), overriding the image's NGFF scale; e.g. 2.0,0.5,0.5."
+)
+
+
 def _shape(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(","))
@@ -162,6 +191,13 @@ def main() -> None:
 @click.option("--frames", default=5, show_default=True, help="Number of time points.")
 @click.option("--shape", "shape", default="256,256", show_default=True, help="Frame size Y,X.")
 @click.option("--depth", type=int, default=None, help="Add a Z axis of this many planes (3D).")
+@click.option(
+    "--z-scale",
+    type=float,
+    default=None,
+    help="3D: planes spaced this many pixels apart (anisotropic voxels; blur elongated in z"
+    " alike; the NGFF scale says so). Default: 1.",
+)
 @click.option("--diameter", default=24.0, show_default=True, help="Mean nucleus diameter (px).")
 @click.option("--granules", is_flag=True, help="Bright granules inside nuclei (like video 02).")
 @click.option("--density", default=0.35, show_default=True, help="Fraction of area covered.")
@@ -188,6 +224,7 @@ def simulate(
     frames: int,
     shape: str,
     depth: int | None,
+    z_scale: float | None,
     diameter: float,
     granules: bool,
     density: float,
@@ -212,6 +249,7 @@ def simulate(
         texture=texture,
         debris=debris,
         dim_fraction=dim_fraction,
+        z_scale=1.0 if z_scale is None else z_scale,
     )
     path = write_simulation(output, spec, overwrite=overwrite)
     click.echo(f"wrote {path} ({frames} frames of {'x'.join(map(str, spec.shape))})")
@@ -238,6 +276,13 @@ def simulate(
     help="seed: 1/(1+exp(-x/tau)); reference: 1-exp(-x/tau).",
 )
 @click.option("--elastic", is_flag=True, default=None, help="Elastic augmentation.")
+@click.option(
+    "--crop-depth",
+    type=int,
+    default=None,
+    help="3D: planes per crop (default: the in-plane side's physical extent, at most the stack).",
+)
+@click.option("--voxel-size", type=VoxelSize(), default=None, help=VOXEL_SIZE_HELP)
 @user_errors
 def train(image: Path, model: Path, **options: Any) -> None:
     """Self-supervised OCE training on random crops of IMAGE; writes MODEL (.pt), a CSV loss
@@ -347,6 +392,14 @@ def train_supervised(image: Path, model: Path, **options: Any) -> None:
     show_default=True,
     help="Post-processing.",
 )
+@click.option(
+    "--nucleus-threshold",
+    type=click.Choice(["otsu", "log-otsu"]),
+    default=default_of(SegmentationConfig, "nucleus_threshold"),
+    show_default=True,
+    help="--mode nucleus: Otsu of each object's intensities, or of their logarithm (keeps the"
+    " dim, blurred rims of bright, textured nuclei).",
+)
 @click.option("--threshold", type=float, default=None, help="Foreground std threshold (Otsu).")
 @click.option(
     "--min-contrast",
@@ -426,6 +479,7 @@ def train_supervised(image: Path, model: Path, **options: Any) -> None:
     show_default=True,
     help="StarDist models: overlap above which a candidate is suppressed.",
 )
+@click.option("--voxel-size", type=VoxelSize(), default=None, help=VOXEL_SIZE_HELP)
 @click.option("--save-embeddings", is_flag=True, help="Keep offsets and std as an NGFF image.")
 @click.option(
     "--link",

@@ -21,6 +21,7 @@ from cellulus_scale.model.unet import (
     UNet,
     check_input_size,
     context,
+    contexts,
     output_size,
     smallest_valid_size_at_least,
     valid_sizes_near,
@@ -123,6 +124,35 @@ def test_3d_model_forward_shape() -> None:
     assert isinstance(model.down[0][0], nn.Conv3d)
 
 
+@pytest.mark.parametrize(
+    ("spacing", "depth", "flat"),
+    [((2.18, 1.0, 1.0), 1, 1), ((5.0, 1.0, 1.0), 2, 2), ((3.0, 1.0, 1.0), 2, 1)],
+)
+def test_anisotropic_3d_model_pools_in_plane_first_and_its_context_follows(
+    spacing: tuple[float, ...], depth: int, flat: int
+) -> None:
+    """A z step of at least twice the pixel: the first levels pool (1, 2, 2) with 1x3x3 kernels;
+    the context per axis is what a real forward pass loses."""
+    config = ModelConfig(
+        spatial_dims=3, feature_maps=2, feature_factor=2, depth=depth, spacing=spacing
+    )
+    assert config.flat_levels == flat
+    assert replace(config, spacing=(1.9, 1.0, 1.0)).flat_levels == 0
+    assert replace(config, spacing=None).flat_levels == 0
+    model = UNet(config).eval()
+    assert model.down[0][0].kernel_size == (1, 3, 3)
+    assert model.bottom[0].kernel_size == (3, 3, 3)
+    halo_z, halo_y, halo_x = contexts(config)
+    assert halo_y == halo_x == context(depth) and halo_z < halo_y
+    for extra in (0, 2 ** (depth - flat)):
+        z = smallest_valid_size_at_least(2 * halo_z + 1, depth, flat) + extra
+        y = smallest_valid_size_at_least(2 * halo_y + 1, depth)
+        with torch.no_grad():
+            out = model(torch.zeros(1, 1, z, y, y + 2**depth))
+        assert tuple(out.shape[2:]) == (z - 2 * halo_z, y - 2 * halo_y, y + 2**depth - 2 * halo_y)
+        assert output_size(z, depth, flat) == z - 2 * halo_z
+
+
 def test_model_rejects_other_dimensions() -> None:
     with pytest.raises(ValueError):
         UNet(ModelConfig(spatial_dims=4))
@@ -218,6 +248,31 @@ def test_pair_sampling_in_3d_and_too_small_outputs() -> None:
         sample_pairs((20, 40), 1, 0.2, 10.0)
 
 
+def test_pair_sampling_and_loss_are_physical_with_a_voxel_size() -> None:
+    """Partners lie within kappa in physical distance (z counts 2.5x), and the loss is zero
+    for offsets that point every voxel at one physical place."""
+    spacing = (2.5, 1.0, 1.0)
+    shape = (12, 26, 26)
+    anchors, partners = sample_pairs(
+        shape, 2, 0.2, 10.0, torch.Generator().manual_seed(0), spacing=spacing
+    )
+    step = (partners - anchors).double() * torch.tensor(spacing, dtype=torch.float64)
+    distance = step.norm(dim=-1)
+    assert (distance > 0).all() and (distance <= 10.0).all()
+    assert (partners - anchors)[..., 0].abs().max() == 4  # floor(10 / 2.5) planes
+    assert (anchors[..., 0] >= 4).all() and (anchors[..., 0] < 12 - 4).all()
+    grid = torch.stack(
+        torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij")
+    )
+    to_centre = -(grid * torch.tensor(spacing).reshape(3, 1, 1, 1))[None].expand(2, -1, -1, -1, -1)
+    loss, _ = oce_loss(
+        to_centre, anchors, partners, kind="reference", lambda_reg=0, spacing=spacing
+    )
+    assert float(loss) == pytest.approx(0.0, abs=1e-6)
+    unscaled, _ = oce_loss(to_centre, anchors, partners, kind="reference", lambda_reg=0)
+    assert float(unscaled) > 0.1  # the same offsets are wrong in voxel units
+
+
 # --- checkpoints --------------------------------------------------------------------------
 
 
@@ -233,6 +288,17 @@ def _checkpoint() -> Checkpoint:
         train_config=replace(TrainConfig(), crop_size=124).to_dict(),
         training_state={"step": 7, "steps_per_epoch": 3},
     )
+
+
+def test_checkpoint_keeps_the_voxel_size(tmp_path: Path) -> None:
+    config = ModelConfig(spatial_dims=3, feature_maps=2, spacing=(2.18, 1.0, 1.0))
+    path = tmp_path / "aniso.pt"
+    save_checkpoint(
+        Checkpoint("oce", config, Normalisation(0.0, 1.0), UNet(config).state_dict(), "zyx"), path
+    )
+    loaded = load_checkpoint(path)
+    assert loaded.model_config == config and loaded.model_config.flat_levels == 1
+    assert "spacing" not in ModelConfig().to_dict()  # isotropic checkpoints keep their layout
 
 
 def test_checkpoint_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

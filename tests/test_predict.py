@@ -282,17 +282,24 @@ def test_bad_input_is_refused_with_one_line_and_the_input_untouched(video, model
     assert tree_hash(video) == before
 
 
-def test_3d_blockwise_embeddings_equal_whole_volume(workdir, client):
+@pytest.mark.parametrize("z_scale", [1.0, 2.5])
+def test_3d_blockwise_embeddings_equal_whole_volume(workdir, client, z_scale):
+    """Blocks of 16 (splitting z) and the whole volume give the same embeddings, isotropic and
+    with anisotropic voxels (the model's first level flat, its z context 2 planes, embeddings
+    physical); the output keeps the input's scale. (The labels of an untrained model are not
+    compared: its embeddings scatter objects beyond the clustering halo.)"""
     from cellulus_scale.config import ModelConfig
     from cellulus_scale.kernels.normalisation import Normalisation
     from cellulus_scale.model.checkpoint import Checkpoint, save_checkpoint
     from cellulus_scale.model.unet import UNet
 
-    volume = write_simulation(
-        workdir / "volume.zarr", SimulationSpec(frames=1, shape=(20, 40, 40), diameter=8, seed=2)
-    )
-    config = ModelConfig(spatial_dims=3, feature_maps=4)
-    model = workdir / "model3d_untrained.pt"
+    spec = SimulationSpec(frames=1, shape=(20, 40, 40), diameter=8, seed=2, z_scale=z_scale)
+    volume = write_simulation(workdir / f"volume_{z_scale}.zarr", spec)
+    spacing = None if z_scale == 1.0 else (z_scale, 1.0, 1.0)
+    config = ModelConfig(spatial_dims=3, feature_maps=4, spacing=spacing)
+    assert config.flat_levels == (0 if spacing is None else 1)
+    model = workdir / f"model3d_untrained_{z_scale}.pt"
+    torch_seed(4)
     save_checkpoint(
         Checkpoint("oce", config, Normalisation(100.0, 1000.0), UNet(config).state_dict(), "tzyx"),
         model,
@@ -302,7 +309,7 @@ def test_3d_blockwise_embeddings_equal_whole_volume(workdir, client):
         out = run(
             volume,
             model,
-            workdir / f"v_{size}.zarr",
+            workdir / f"v_{z_scale}_{size}.zarr",
             client,
             diameter=8,
             block_size=size,
@@ -310,5 +317,13 @@ def test_3d_blockwise_embeddings_equal_whole_volume(workdir, client):
         )
         embeddings[size] = zarr.open_array(str(out / "embeddings" / "0"), mode="r")[:]
         assert labels_of(out).shape == (1, 20, 40, 40)
+        scale = zarr.open_group(str(out), mode="r").attrs["multiscales"][0]["datasets"][0]
+        assert scale["coordinateTransformations"][0]["scale"] == [1.0, z_scale, 1.0, 1.0]
     assert embeddings[40].shape == (1, 4, 20, 40, 40)
     assert np.abs(embeddings[16] - embeddings[40]).max() < 1e-4
+
+
+def torch_seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)

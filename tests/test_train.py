@@ -186,7 +186,9 @@ def test_trains_on_3d_video(tmp_path: Path) -> None:
     assert result.steps == 3
     checkpoint = load_checkpoint(model)
     assert checkpoint.model_config.spatial_dims == 3 and checkpoint.model_config.outputs == 3
-    with pytest.raises(UserInputError, match="use --crop-size 40 or smaller"):
+    # 3D crops are per axis: --crop-size is the in-plane side (at most the 48 px planes), and
+    # the planes follow from it, at most the 40 of the stack
+    with pytest.raises(UserInputError, match="use --crop-size 48 or smaller"):
         train(video, tmp_path / "big.pt", epochs=1, **{**small, "crop_size": 52})
 
 

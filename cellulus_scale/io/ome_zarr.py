@@ -326,6 +326,35 @@ def open_image(path: str | os.PathLike[str], axes: str | None = None) -> OmeImag
     )
 
 
+def voxel_spacing(
+    image: OmeImage, voxel_size: Sequence[float] | None = None
+) -> tuple[float, ...] | None:
+    """The voxel size of a 3D image per spatial axis (z, y, x) in units of its x pixel, from
+    ``voxel_size`` (Z,Y,X, any one unit) where given, else from the NGFF ``scale``; None for 2D
+    images (taken as square pixels) and for isotropic voxels."""
+    if image.spatial_dims != 3:
+        return None
+    if voxel_size is not None:
+        values = tuple(float(v) for v in voxel_size)
+        if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
+            raise UserInputError(
+                "--voxel-size must be three positive numbers Z,Y,X, got"
+                f" {','.join(map(str, values))}",
+                "give the z step and the pixel size, e.g. --voxel-size 2.0,0.5,0.5",
+            )
+    else:
+        values = image.canonical_scale[-3:]
+        if not all(math.isfinite(v) and v > 0 for v in values):
+            raise UserInputError(
+                f"{image.path} has a non-positive or non-finite scale {values} in its metadata",
+                "pass --voxel-size Z,Y,X with the voxel size",
+            )
+    spacing = tuple(v / values[-1] for v in values)
+    if all(abs(v - 1.0) < 1e-6 for v in spacing):
+        return None
+    return spacing
+
+
 def open_labels(path: str | os.PathLike[str], name: str) -> OmeImage:
     """Open the label image ``labels/<name>`` of an OME-Zarr image."""
     path = Path(path)

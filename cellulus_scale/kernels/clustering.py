@@ -16,12 +16,18 @@ FIT_SAMPLE_PASS = -1  # the noise stream used to pick the mean-shift fit sample
 
 
 def embeddings_of(
-    offsets: np.ndarray, origin: Sequence[int], mean_offset: np.ndarray
+    offsets: np.ndarray,
+    origin: Sequence[int],
+    mean_offset: np.ndarray,
+    spacing: Sequence[float] | None = None,
 ) -> np.ndarray:
-    """Centred embeddings e(i) = r(i) - mean offset + i, as (dims, *spatial), in global pixels."""
+    """Centred embeddings e(i) = r(i) - mean offset + i, as (dims, *spatial), in global pixels;
+    with ``spacing`` (voxel size per axis) the position i is physical (index x spacing)."""
     grids = np.indices(offsets.shape[1:], dtype=np.float64)
     for axis, start in enumerate(origin):
         grids[axis] += start
+        if spacing is not None:
+            grids[axis] *= float(spacing[axis])
     return (
         offsets.astype(np.float64)
         - np.asarray(mean_offset, dtype=np.float64).reshape((-1,) + (1,) * (offsets.ndim - 1))
@@ -152,18 +158,21 @@ def assign_to_centres(
     return labels
 
 
-def postprocess_cell(labels: np.ndarray, grow: float, shrink: float) -> np.ndarray:
-    """'cell' mode: grow the foreground by ``grow`` px, then erode that mask by ``shrink`` px."""
-    expanded = ndimage.distance_transform_edt(labels == 0) < grow
-    inside = ndimage.distance_transform_edt(expanded)
+def postprocess_cell(
+    labels: np.ndarray, grow: float, shrink: float, sampling: Sequence[float] | None = None
+) -> np.ndarray:
+    """'cell' mode: grow the foreground by ``grow`` px, then erode that mask by ``shrink`` px
+    (distances in physical units with ``sampling``, the voxel size per axis)."""
+    expanded = ndimage.distance_transform_edt(labels == 0, sampling=sampling) < grow
+    inside = ndimage.distance_transform_edt(expanded, sampling=sampling)
     result = labels.copy()
     result[inside < shrink] = 0
     return result
 
 
-def postprocess_nucleus(labels: np.ndarray, intensity: np.ndarray) -> np.ndarray:
-    """'nucleus' mode: inside each instance keep pixels above its Otsu intensity threshold,
-    then fill holes."""
+def postprocess_nucleus(labels: np.ndarray, intensity: np.ndarray, log: bool = False) -> np.ndarray:
+    """'nucleus' mode: inside each instance keep pixels above its Otsu intensity threshold
+    (with ``log``, Otsu of the log intensities), then fill holes."""
     result = np.zeros_like(labels)
     for index, region in enumerate(ndimage.find_objects(labels), start=1):
         if region is None:
@@ -173,10 +182,18 @@ def postprocess_nucleus(labels: np.ndarray, intensity: np.ndarray) -> np.ndarray
         if values.size < 2 or values.min() == values.max():
             kept = mask
         else:
-            kept = mask & (intensity[region] > threshold_otsu(values))
+            kept = mask & (intensity[region] > _nucleus_threshold(values, log))
             kept = ndimage.binary_fill_holes(kept) & (mask | ndimage.binary_fill_holes(mask))
         result[region][kept] = index
     return result
+
+
+def _nucleus_threshold(values: np.ndarray, log: bool) -> float:
+    """Otsu's threshold of ``values``, or of their logarithm (shifted to start at 1)."""
+    if not log:
+        return float(threshold_otsu(values))
+    low = float(values.min())
+    return float(np.expm1(threshold_otsu(np.log1p(values - low)))) + low
 
 
 def relabel_sequential_ids(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -207,12 +224,17 @@ def keep_largest_components(labels: np.ndarray) -> np.ndarray:
 
 
 def object_contrast(
-    labels: np.ndarray, intensity: np.ndarray, ring: int, count: int | None = None
+    labels: np.ndarray,
+    intensity: np.ndarray,
+    ring: int,
+    count: int | None = None,
+    sampling: Sequence[float] | None = None,
 ) -> np.ndarray:
     """How far each object stands out from its surroundings: (mean intensity inside - mean of the
     ring of ``ring`` pixels around it that no object covers) / the ring's std, for labels 1..n
     (``count`` of them, default the largest label). An object without such a ring (surrounded
-    by objects) or not present gets +inf."""
+    by objects) or not present gets +inf. With ``sampling`` (the voxel size per axis) the ring
+    is ``ring`` in-plane pixels wide in physical distance (fewer planes in z)."""
     contrast = np.full(int(labels.max()) if count is None else count, np.inf)
     covered = labels > 0
     structure = ndimage.generate_binary_structure(labels.ndim, 1)
@@ -224,7 +246,11 @@ def object_contrast(
             for r, size in zip(region, labels.shape, strict=True)
         )
         mask = labels[grown] == index
-        around = ndimage.binary_dilation(mask, structure, iterations=ring) & ~covered[grown]
+        if sampling is None:
+            around = ndimage.binary_dilation(mask, structure, iterations=ring) & ~covered[grown]
+        else:
+            near = ndimage.distance_transform_edt(~mask, sampling=sampling) <= ring
+            around = near & ~covered[grown]
         if around.sum() < 2:
             continue
         outside = intensity[grown][around]
@@ -243,18 +269,22 @@ def postprocess(
     min_size: float,
     ring: int = 0,
     min_contrast: float | None = None,
+    sampling: Sequence[float] | None = None,
+    log_threshold: bool = False,
 ) -> np.ndarray:
     """Post-process instance labels of a region (any IDs): shape by ``mode``, then keep each
-    object's largest connected part, drop objects under ``min_size`` and, with
+    object's largest connected part, drop objects under ``min_size`` (voxels) and, with
     ``min_contrast``, objects whose mean intensity stands less than ``min_contrast`` standard
-    deviations above their surroundings (:func:`object_contrast` with ``ring``)."""
+    deviations above their surroundings (:func:`object_contrast` with ``ring``). ``sampling``:
+    the voxel size per axis, so that distances are physical (None: isotropic);
+    ``log_threshold``: 'nucleus' mode thresholds the log intensities."""
     compact, ids = relabel_sequential_ids(labels)
     if mode == "cell":
-        compact = postprocess_cell(compact, grow, shrink)
+        compact = postprocess_cell(compact, grow, shrink, sampling)
     elif mode == "nucleus":
         if intensity is None:
             raise ValueError("nucleus mode needs the intensity image")
-        compact = postprocess_nucleus(compact, intensity)
+        compact = postprocess_nucleus(compact, intensity, log_threshold)
     if mode != "none":
         compact = keep_largest_components(compact)
     sizes = np.bincount(compact.ravel(), minlength=len(ids))
@@ -265,7 +295,10 @@ def postprocess(
         if intensity is None:
             raise ValueError("the contrast rule needs the intensity image")
         faint = np.concatenate(
-            [[False], object_contrast(compact, intensity, ring, len(ids) - 1) < min_contrast]
+            [
+                [False],
+                object_contrast(compact, intensity, ring, len(ids) - 1, sampling) < min_contrast,
+            ]
         )
         compact[faint[compact]] = 0
     return ids[compact].astype(labels.dtype)

@@ -53,6 +53,14 @@ class MethodSettings:
     segmentation: SegmentationConfig
     model_path: str = ""  # resolved; "" without a model
     network_context: int = 0  # pixels the network loses per side; 0 without a model
+    # per spatial axis, where they differ (an anisotropic 3D model): the context, and the voxel
+    # size in in-plane pixels that embeddings, distances and sizes are measured in
+    network_halos: tuple[int, ...] | None = None
+    spacing: tuple[float, ...] | None = None
+
+    def halos(self, dims: int) -> tuple[int, ...]:
+        """The network's context per spatial axis."""
+        return self.network_halos or (self.network_context,) * dims
 
     def record(self, fields: dict[str, Any]) -> dict[str, Any]:
         """The plan's record: its ``fields`` and these settings."""
@@ -62,6 +70,10 @@ class MethodSettings:
             "segmentation": asdict(self.segmentation),
             "network_context": self.network_context,
         }
+        if self.network_halos is not None:
+            values["network_halos"] = list(self.network_halos)
+        if self.spacing is not None:
+            values["spacing"] = list(self.spacing)
         ordered = {key: values.pop(key) for key in _RECORD_ORDER if key in values}
         return {**ordered, **values}
 
@@ -135,12 +147,24 @@ def load_model(plan: Plan) -> tuple[Any, Checkpoint, Any]:
     return cached(("model", model_path, stamp, plan.device), make)
 
 
-def network_window(plan: Plan, block: Block, halo: int, depth: int) -> list[np.ndarray]:
-    """Global indices, per axis, of the network's input for ``block``: from ``halo`` before the
-    block to the smallest size the depth-``depth`` network takes that covers ``halo`` after it,
-    reflected at the frame border."""
+def network_window(
+    plan: Plan,
+    block: Block,
+    halo: int | Sequence[int],
+    depth: int,
+    flat_levels: Sequence[int] | None = None,
+) -> list[np.ndarray]:
+    """Global indices, per axis, of the network's input for ``block``: from ``halo`` (one per
+    axis, or the same on every axis) before the block to the smallest size the depth-``depth``
+    network (``flat_levels`` per axis, see :func:`~cellulus_scale.model.unet.output_size`) takes
+    that covers ``halo`` after it, reflected at the frame border."""
+    dims = len(block.start)
+    halos = (halo,) * dims if isinstance(halo, int) else tuple(halo)
+    flats = tuple(flat_levels) if flat_levels is not None else (0,) * dims
     indices = []
-    for start, size, length in zip(block.start, block.shape, plan.spatial_shape, strict=True):
-        read = smallest_valid_size_at_least(size + 2 * halo, depth)
-        indices.append(reflect_indices(start - halo, start - halo + read, length))
+    for start, size, length, h, flat in zip(
+        block.start, block.shape, plan.spatial_shape, halos, flats, strict=True
+    ):
+        read = smallest_valid_size_at_least(size + 2 * h, depth, flat)
+        indices.append(reflect_indices(start - h, start - h + read, length))
     return indices

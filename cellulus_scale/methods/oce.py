@@ -56,13 +56,15 @@ from cellulus_scale.methods.centres import (
     centres_and_labels,
 )
 from cellulus_scale.model.checkpoint import Checkpoint
+from cellulus_scale.model.unet import axis_flat_levels
 
 
 def oce_task(plan: Plan, frame: int, block: Block) -> dict[str, np.ndarray]:
     """Predict OCEs of one block, write them and the image copy, return its std histogram."""
     model, checkpoint, device = load_model(plan)
-    halo = plan.settings.network_context
-    indices = network_window(plan, block, halo, checkpoint.model_config.depth)
+    halos = plan.settings.halos(plan.spatial_dims)
+    config = checkpoint.model_config
+    indices = network_window(plan, block, halos, config.depth, axis_flat_levels(config))
     raw = read_region(plan, frame, indices)
     check_finite(raw, plan, frame)
     image = checkpoint.normalisation.apply(raw)
@@ -86,7 +88,9 @@ def oce_task(plan: Plan, frame: int, block: Block) -> dict[str, np.ndarray]:
     )
     crop = tuple(slice(0, s) for s in block.shape)
     offsets, std = offsets[(slice(None), *crop)], std[crop]
-    core_raw = raw[(slice(None),) + tuple(slice(halo, halo + s) for s in block.shape)]
+    core_raw = raw[
+        (slice(None),) + tuple(slice(h, h + s) for h, s in zip(halos, block.shape, strict=True))
+    ]
     embeddings = np.concatenate([offsets, std[None]]).astype(np.float32)
     write_feature_core(plan, EMBEDDINGS_NAME, frame, block, embeddings)
     write_image_core(plan, frame, block, core_raw)
@@ -113,7 +117,9 @@ def _grown_embeddings(
     region = block.grown(halo, plan.spatial_shape)
     values = read_feature(plan, EMBEDDINGS_NAME, frame, region)
     origin = [r.start for r in region]
-    embeddings = embeddings_of(values[:-1], origin, np.asarray(stats.mean_offset))
+    embeddings = embeddings_of(
+        values[:-1], origin, np.asarray(stats.mean_offset), plan.settings.spacing
+    )
     foreground = values[-1] < stats.threshold
     return region, embeddings, foreground
 
@@ -121,6 +127,7 @@ def _grown_embeddings(
 def centres_task(plan: Plan, frame: int, block: Block, stats: Statistics) -> dict[str, np.ndarray]:
     """Mean-shift on the grown block; keep the centres whose owner is this block."""
     seg = plan.settings.segmentation
+    spacing = plan.settings.spacing  # centres are in in-plane pixels; ownership by voxel
     centres = np.zeros((0, plan.spatial_dims))
     if stats.frames_with_signal[frame]:
         region, embeddings, foreground = _grown_embeddings(
@@ -131,7 +138,8 @@ def centres_task(plan: Plan, frame: int, block: Block, stats: Statistics) -> dic
         )
         centres = find_centres(embeddings, foreground, sample, seg.bandwidth, seg.clustering)
         if len(centres):
-            centres = centres[block.owns(centres, plan.spatial_shape, plan.block_size)]
+            voxels = centres if spacing is None else centres / np.asarray(spacing)
+            centres = centres[block.owns(voxels, plan.spatial_shape, plan.block_size)]
     return {"centres": centres, "frame": np.array(frame)}
 
 
@@ -152,8 +160,10 @@ def label_block(
         plan, stats, frame, block, seg.labelling_halo
     )
     reach = seg.assign_distance + seg.labelling_halo
-    low = np.array([r.start for r in region]) - reach
-    high = np.array([r.stop for r in region]) + reach
+    spacing = plan.settings.spacing
+    scale = np.ones(plan.spatial_dims) if spacing is None else np.asarray(spacing)
+    low = np.array([r.start for r in region]) * scale - reach
+    high = np.array([r.stop for r in region]) * scale + reach
     near = np.all((centres >= low) & (centres <= high), axis=1)
     labels = assign_to_centres(
         embeddings, foreground, centres[near], ids[near], seg.assign_distance, dtype
@@ -169,9 +179,11 @@ def label_block(
         seg.mode,
         seg.grow_distance,
         seg.shrink_distance,
-        seg.min_size(plan.spatial_dims),
+        seg.min_size(plan.spatial_dims) / float(np.prod(scale)),
         seg.contrast_ring,
         seg.min_contrast,
+        spacing,
+        seg.nucleus_threshold == "log-otsu",
     )
     core_labels = labels[block.inner(region)]
     clock["post-processing"] = time.perf_counter()

@@ -22,12 +22,22 @@ def damping(squared_distance: torch.Tensor, tau: float, kind: Damping = "seed") 
     raise ValueError(f"unknown damping {kind!r}")
 
 
-def _disc_offsets(kappa: float, dims: int) -> torch.Tensor:
-    """All non-zero integer offsets within radius ``kappa`` (an (n, dims) tensor)."""
-    reach = int(math.floor(kappa))
-    axes = [torch.arange(-reach, reach + 1)] * dims
+def _reach(kappa: float, spacing: tuple[float, ...] | None, dims: int) -> list[int]:
+    """Per axis, the most voxels a partner within physical radius ``kappa`` can lie away."""
+    if spacing is None:
+        return [int(math.floor(kappa))] * dims
+    return [int(math.floor(kappa / float(s))) for s in spacing]
+
+
+def _disc_offsets(
+    kappa: float, dims: int, spacing: tuple[float, ...] | None = None
+) -> torch.Tensor:
+    """All non-zero integer offsets (voxels) within physical radius ``kappa`` (an (n, dims)
+    tensor); ``spacing``: the voxel size per axis (None: 1)."""
+    axes = [torch.arange(-r, r + 1) for r in _reach(kappa, spacing, dims)]
     grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, dims)
-    norm2 = (grid.float() ** 2).sum(dim=1)
+    physical = grid.float() if spacing is None else grid.double() * torch.tensor(spacing).double()
+    norm2 = (physical**2).sum(dim=1)
     keep = (norm2 <= kappa**2) & (norm2 > 0)
     return grid[keep]
 
@@ -39,32 +49,41 @@ def sample_pairs(
     kappa: float,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
+    spacing: tuple[float, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample anchor pixels P1 and one partner P2 within radius ``kappa`` for each.
 
     P1 holds ``fraction`` of all output pixels per batch item; anchors are drawn only where the
-    whole radius stays inside the output, so every partner is in bounds. Returns two integer
-    tensors of shape (batch, n, dims): anchor and partner coordinates.
+    whole radius stays inside the output, so every partner is in bounds. With ``spacing`` (the
+    voxel size per axis, in in-plane pixels) the radius is physical: fewer planes in z. Returns
+    two integer tensors of shape (batch, n, dims): anchor and partner coordinates.
     """
     dims = len(spatial_shape)
-    reach = int(math.floor(kappa))
-    inner = [size - 2 * reach for size in spatial_shape]
+    reach = _reach(kappa, spacing, dims)
+    inner = [size - 2 * r for size, r in zip(spatial_shape, reach, strict=True)]
     if min(inner) < 1:
         raise ValueError(f"output {spatial_shape} is too small for pairs within radius {kappa}")
     total = math.prod(spatial_shape)
     count = max(1, int(round(fraction * total)))
     inner_total = math.prod(inner)
     flat = torch.randint(0, inner_total, (batch, count), generator=generator)
-    anchors = torch.stack(torch.unravel_index(flat, tuple(inner)), dim=-1) + reach
-    offsets = _disc_offsets(kappa, dims)
+    anchors = torch.stack(torch.unravel_index(flat, tuple(inner)), dim=-1) + torch.tensor(reach)
+    offsets = _disc_offsets(kappa, dims, spacing)
     choice = torch.randint(0, len(offsets), (batch, count), generator=generator)
     partners = anchors + offsets[choice]
     return anchors.to(device), partners.to(device)
 
 
-def coordinate_grid(spatial_shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
-    """Pixel coordinates as a (dims, *spatial_shape) float tensor."""
+def coordinate_grid(
+    spatial_shape: tuple[int, ...],
+    device: torch.device | str,
+    spacing: tuple[float, ...] | None = None,
+) -> torch.Tensor:
+    """Pixel coordinates as a (dims, *spatial_shape) float tensor; with ``spacing``, physical
+    coordinates (index x voxel size, in in-plane pixels)."""
     axes = [torch.arange(size, device=device, dtype=torch.float32) for size in spatial_shape]
+    if spacing is not None:
+        axes = [a * float(s) for a, s in zip(axes, spacing, strict=True)]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
 
 
@@ -87,13 +106,16 @@ def oce_loss(
     tau: float = 10.0,
     lambda_reg: float = 1e-5,
     kind: Damping = "seed",
+    spacing: tuple[float, ...] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Pairwise OCE loss on predicted offsets r (B, dims, *S).
 
-    The embedding is e(i) = r(i) + i; the loss is the mean over pairs of
-    sigma(||e(i) - e(j)||^2) plus ``lambda_reg`` times the mean ||r(i)|| over anchors.
+    The embedding is e(i) = r(i) + i (i in physical units where ``spacing`` is given); the loss
+    is the mean over pairs of sigma(||e(i) - e(j)||^2) plus ``lambda_reg`` times the mean
+    ||r(i)|| over anchors.
     """
-    embeddings = offsets + coordinate_grid(tuple(offsets.shape[2:]), offsets.device)
+    grid = coordinate_grid(tuple(offsets.shape[2:]), offsets.device, spacing)
+    embeddings = offsets + grid
     e_anchor = _gather(embeddings, anchors)
     e_partner = _gather(embeddings, partners)
     squared = ((e_anchor - e_partner) ** 2).sum(dim=-1)

@@ -18,14 +18,23 @@ def _conv(dims: int) -> type[nn.Module]:
     return nn.Conv2d if dims == 2 else nn.Conv3d
 
 
-def _conv_block(dims: int, in_channels: int, out_channels: int) -> nn.Sequential:
+def _conv_block(
+    dims: int, in_channels: int, out_channels: int, flat: bool = False
+) -> nn.Sequential:
+    """[3x3, 1x1, 1x1, 3x3] convolutions with ReLU; ``flat`` (3D): 1x3x3 instead of 3x3x3."""
     conv = _conv(dims)
     layers: list[nn.Module] = []
     channels = in_channels
-    for kernel in (3, 1, 1, 3):
+    for size in (3, 1, 1, 3):
+        kernel: int | tuple[int, ...] = (1, size, size) if flat and size > 1 else size
         layers += [conv(channels, out_channels, kernel), nn.ReLU(inplace=True)]
         channels = out_channels
     return nn.Sequential(*layers)
+
+
+def _factor(dims: int, flat: bool) -> int | tuple[int, ...]:
+    """The pooling (and upsampling) factor of a level: 2, or (1, 2, 2) where it is flat."""
+    return (1, 2, 2) if flat else 2
 
 
 def _center_crop(tensor: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -37,7 +46,10 @@ def _center_crop(tensor: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 
 
 class UNet(nn.Module):
-    """U-Net of valid convolutions: max-pool 2x down, nearest 2x up, cropped skips, 1x1 head."""
+    """U-Net of valid convolutions: max-pool 2x down, nearest 2x up, cropped skips, 1x1 head.
+
+    In 3D the first ``config.flat_levels`` levels (anisotropic voxels) pool (1, 2, 2) and
+    convolve 1x3x3; the rest is isotropic."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -45,25 +57,30 @@ class UNet(nn.Module):
             raise ValueError(f"spatial_dims must be 2 or 3, got {config.spatial_dims}")
         self.config = config
         dims = config.spatial_dims
+        flat = [level < config.flat_levels for level in range(config.depth + 1)]
+        self.flat = flat
         widths = [
             config.feature_maps * config.feature_factor**level for level in range(config.depth + 1)
         ]
         self.down = nn.ModuleList()
         channels = config.in_channels
         for level in range(config.depth):
-            self.down.append(_conv_block(dims, channels, widths[level]))
+            self.down.append(_conv_block(dims, channels, widths[level], flat[level]))
             channels = widths[level]
-        self.bottom = _conv_block(dims, channels, widths[config.depth])
+        self.bottom = _conv_block(dims, channels, widths[config.depth], flat[config.depth])
         self.up = nn.ModuleList()
         channels = widths[config.depth]
         for level in reversed(range(config.depth)):
-            self.up.append(_conv_block(dims, channels + widths[level], widths[level]))
+            self.up.append(_conv_block(dims, channels + widths[level], widths[level], flat[level]))
             channels = widths[level]
         conv = _conv(dims)
         self.head = nn.Sequential(
             conv(channels, channels, 1), nn.ReLU(inplace=True), conv(channels, config.outputs, 1)
         )
-        self.pool = nn.MaxPool2d(2) if dims == 2 else nn.MaxPool3d(2)
+        self.pools = nn.ModuleList(
+            nn.MaxPool2d(2) if dims == 2 else nn.MaxPool3d(_factor(dims, flat[level]))
+            for level in range(config.depth)
+        )
         for module in self.modules():
             if isinstance(module, nn.Conv2d | nn.Conv3d):
                 nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
@@ -71,54 +88,83 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
-        for block in self.down:
+        for block, pool in zip(self.down, self.pools, strict=True):
             x = block(x)
             skips.append(x)
-            x = self.pool(x)
+            x = pool(x)
         x = self.bottom(x)
-        for block, skip in zip(self.up, reversed(skips), strict=True):
-            x = nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+        levels = reversed(range(len(self.up)))
+        for block, skip, level in zip(self.up, reversed(skips), levels, strict=True):
+            factor = _factor(x.dim() - 2, self.flat[level])
+            x = nn.functional.interpolate(x, scale_factor=factor, mode="nearest")
             x = torch.cat([_center_crop(skip, x.shape[2:]), x], dim=1)
             x = block(x)
         return self.head(x)
 
 
-def output_size(input_size: int, depth: int) -> int | None:
-    """Output length of the valid U-Net along one axis, or None if the input cannot be taken."""
+def output_size(input_size: int, depth: int, flat_levels: int = 0) -> int | None:
+    """Output length of the valid U-Net along one axis, or None if the input cannot be taken.
+
+    ``flat_levels``: the first levels neither convolve nor pool along this axis (the z axis of
+    an anisotropic 3D network, whose first levels are 1x3x3 with (1, 2, 2) pooling)."""
     size = input_size
-    for _ in range(depth):
+    for level in range(depth):
+        if level < flat_levels:
+            continue
         size -= 2 * _BLOCK_LOSS
         if size < 2 or size % 2:
             return None
         size //= 2
-    size -= 2 * _BLOCK_LOSS
+    size -= 2 * _BLOCK_LOSS  # the bottom level convolves every axis
     if size < 1:
         return None
-    for _ in range(depth):
+    for level in reversed(range(depth)):
+        if level < flat_levels:
+            continue
         size = size * 2 - 2 * _BLOCK_LOSS
         if size < 1:
             return None
     return size
 
 
-def context(depth: int) -> int:
-    """Pixels lost per side (the halo a block needs), computed from the architecture."""
-    size = smallest_valid_size_at_least(1, depth)
-    out = output_size(size, depth)
+def context(depth: int, flat_levels: int = 0) -> int:
+    """Pixels lost per side along one axis (the halo a block needs), computed from the
+    architecture (``flat_levels`` as in :func:`output_size`)."""
+    size = smallest_valid_size_at_least(1, depth, flat_levels)
+    out = output_size(size, depth, flat_levels)
     assert out is not None
     return (size - out) // 2
 
 
-def valid_sizes_near(size: int, depth: int) -> list[int]:
+def axis_flat_levels(config: ModelConfig) -> tuple[int, ...]:
+    """Per spatial axis, the levels that leave it alone: the z axis of an anisotropic 3D model
+    skips its flat levels, every other axis none."""
+    flat = config.flat_levels
+    return tuple(
+        flat if axis == 0 and config.spatial_dims == 3 else 0 for axis in range(config.spatial_dims)
+    )
+
+
+def contexts(config: ModelConfig) -> tuple[int, ...]:
+    """The context (halo) per spatial axis of the model ``config`` describes."""
+    return tuple(context(config.depth, flat) for flat in axis_flat_levels(config))
+
+
+def valid_sizes_near(size: int, depth: int, flat_levels: int = 0) -> list[int]:
     """The valid input sizes nearest to ``size``: the largest below and the smallest above."""
-    below = [s for s in range(size, 0, -1) if output_size(s, depth) is not None][:1]
-    above = [s for s in range(size, size + 64 * 2**depth) if output_size(s, depth) is not None][:1]
+    below = [s for s in range(size, 0, -1) if output_size(s, depth, flat_levels) is not None][:1]
+    above = [
+        s
+        for s in range(size, size + 64 * 2**depth)
+        if output_size(s, depth, flat_levels) is not None
+    ][:1]
     return sorted(set(below + above))
 
 
-def smallest_valid_size_at_least(size: int, depth: int) -> int:
-    """The smallest input size >= ``size`` that the network can take."""
-    while output_size(size, depth) is None:
+def smallest_valid_size_at_least(size: int, depth: int, flat_levels: int = 0) -> int:
+    """The smallest input size >= ``size`` that the network can take (along an axis with
+    ``flat_levels``)."""
+    while output_size(size, depth, flat_levels) is None:
         size += 1
     return size
 

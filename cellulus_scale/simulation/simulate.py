@@ -96,6 +96,10 @@ class SimulationSpec:
     texture: float = 0.0
     debris: float = 0.0
     dim_fraction: float = 0.0
+    # 3D: planes spaced this many pixels apart (anisotropic voxels); nuclei, motion and density
+    # live in physical space (in-plane pixels) and the blur spans the same planes, so it is
+    # elongated in z by this factor. 1: isotropic voxels, the frames of earlier versions.
+    z_scale: float = 1.0
 
     def validate(self) -> None:
         """Raise :class:`UserInputError` if the spec cannot be simulated."""
@@ -119,6 +123,15 @@ class SimulationSpec:
                 f"every shape entry must be >= 1, got {tuple(shape)!r}",
                 "give positive frame sizes",
             )
+        if not _is_real(self.z_scale) or not (math.isfinite(self.z_scale) and self.z_scale > 0):
+            raise UserInputError(
+                f"z_scale must be a positive number, got {self.z_scale!r}",
+                "give the z step in pixels, e.g. --z-scale 3",
+            )
+        if self.z_scale != 1.0 and len(shape) != 3:
+            raise UserInputError(
+                "--z-scale needs 3D frames", "add --depth Z (the number of planes)"
+            )
         if not _is_real(self.diameter) or not math.isfinite(self.diameter):
             raise UserInputError(
                 f"diameter must be a number, got {self.diameter!r}", "give a diameter in pixels"
@@ -128,10 +141,15 @@ class SimulationSpec:
                 f"diameter must be >= {_MIN_DIAMETER:g} pixels, got {self.diameter!r}",
                 f"give a nucleus diameter of at least {_MIN_DIAMETER:g} pixels",
             )
-        if self.diameter > min(shape):
+        # the frame's extent in pixels (planes count z_scale pixels each)
+        extent = [
+            s * (self.z_scale if axis == 0 and len(shape) == 3 else 1)
+            for axis, s in enumerate(shape)
+        ]
+        if self.diameter > min(extent):
             raise UserInputError(
                 f"diameter {self.diameter:g} is larger than the smallest frame size "
-                f"{min(shape)} of shape {tuple(shape)!r}",
+                f"{min(extent):g} of shape {tuple(shape)!r}",
                 "use a smaller diameter or a larger frame",
             )
         if not isinstance(self.granules, (bool, np.bool_)):
@@ -251,11 +269,17 @@ class _Simulator:
         self.shape = tuple(int(s) for s in spec.shape)
         self.ndim = len(self.shape)
         self.diameter = float(spec.diameter)
-        self.upper = np.array(self.shape, dtype=np.float64) - 1.0
+        # voxel size per axis (in-plane pixels): the state is physical, frames are sampled
+        self.spacing = np.ones(self.ndim)
+        if self.ndim == 3:
+            self.spacing[0] = float(spec.z_scale)
+        self.upper = (np.array(self.shape, dtype=np.float64) - 1.0) * self.spacing
         mean_volume = (
             math.pi / 4.0 * self.diameter**2 if self.ndim == 2 else math.pi / 6.0 * self.diameter**3
         )
-        self.wanted = max(1, round(spec.density * math.prod(self.shape) / mean_volume))
+        self.shape_upper = np.array(self.shape, dtype=np.float64) - 1.0
+        volume = math.prod(self.shape) * float(np.prod(self.spacing))
+        self.wanted = max(1, round(spec.density * volume / mean_volume))
         self.cap = max(math.ceil(_POPULATION_CAP * self.wanted), self.wanted + 2)
         self.next_id = 1
         self.state: dict[str, np.ndarray] = {}
@@ -514,7 +538,7 @@ class _Simulator:
         ``texture`` x the mean nucleus brightness."""
         rng = _rng(self.spec.seed, _STREAM_TEXTURE)
         noise = rng.standard_normal(self.shape).astype(np.float32)
-        field = ndimage.gaussian_filter(noise, _TEXTURE_SCALE * self.diameter)
+        field = ndimage.gaussian_filter(noise, tuple(_TEXTURE_SCALE * self.diameter / self.spacing))
         field = np.maximum(field / max(float(field.std()), 1e-12), 0.0)
         peak = float(np.percentile(field, 99.9)) or 1.0
         return np.float32(self.spec.texture * np.mean(_BRIGHTNESS) / peak) * field
@@ -530,11 +554,12 @@ class _Simulator:
 
     def _add_debris(self, signal: np.ndarray) -> None:
         for centre, sigma, gain in self.debris:
-            low = np.maximum(np.floor(centre - 3 * sigma), 0).astype(np.intp)
-            high = np.minimum(np.ceil(centre + 3 * sigma) + 1, self.shape).astype(np.intp)
+            step = self.spacing
+            low = np.maximum(np.floor((centre - 3 * sigma) / step), 0).astype(np.intp)
+            high = np.minimum(np.ceil((centre + 3 * sigma) / step) + 1, self.shape).astype(np.intp)
             box = tuple(slice(int(a), int(b)) for a, b in zip(low, high, strict=True))
             grids = np.ogrid[box]
-            distance2 = sum((g - c) ** 2 for g, c in zip(grids, centre, strict=True))
+            distance2 = sum((g * d - c) ** 2 for g, d, c in zip(grids, step, centre, strict=True))
             signal[box] += np.float32(gain) * np.exp(-0.5 * distance2 / sigma**2).astype(np.float32)
 
     def _brightness_gain(self, nucleus_id: int) -> float:
@@ -565,8 +590,12 @@ class _Simulator:
         best = np.full(self.shape, np.inf, dtype=np.float32)
         labels = np.zeros(self.shape, dtype=np.uint32)
         extent = self._extent(st["axes"], st["rotation"])
-        low = np.maximum(np.ceil(st["centre"] - extent), 0).astype(np.intp)
-        high = np.minimum(np.floor(st["centre"] + extent), self.upper).astype(np.intp) + 1
+        step = self.spacing
+        low = np.maximum(np.ceil((st["centre"] - extent) / step), 0).astype(np.intp)
+        high = (
+            np.minimum(np.floor((st["centre"] + extent) / step), self.upper / step).astype(np.intp)
+            + 1
+        )
         for k in range(len(st["ids"])):
             self._draw(k, low[k], high[k], signal, best, labels)
         self._ensure_present(signal, labels)
@@ -608,7 +637,8 @@ class _Simulator:
         for axis in range(self.ndim):
             view = [1] * self.ndim
             view[axis] = int(high[axis] - low[axis])
-            offsets.append((np.arange(low[axis], high[axis]) - centre[axis]).reshape(view))
+            planes = np.arange(low[axis], high[axis]) * self.spacing[axis]
+            offsets.append((planes - centre[axis]).reshape(view))
         unit = [
             sum(offsets[axis] * (rotation[axis, j] / axes[j]) for axis in range(self.ndim))
             for j in range(self.ndim)
@@ -648,7 +678,10 @@ class _Simulator:
         missing = np.flatnonzero(counts[st["ids"]] == 0)
         for k in missing:
             pixel = tuple(
-                int(v) for v in np.clip(np.rint(st["centre"][k]), 0, self.upper).astype(np.intp)
+                int(v)
+                for v in np.clip(
+                    np.rint(st["centre"][k] / self.spacing), 0, self.shape_upper
+                ).astype(np.intp)
             )
             labels[pixel] = st["ids"][k]
             signal[pixel] = max(float(signal[pixel]), float(st["brightness"][k]))

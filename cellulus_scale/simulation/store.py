@@ -43,7 +43,8 @@ def write_simulation(
         for nucleus in np.unique(truth[truth > 0]).tolist():
             first.setdefault(nucleus, frame)
             last[nucleus] = frame
-    scale = (1.0,) * len(axes)
+    # the z step of anisotropic frames is the z axis's scale (1 for x and y, and for t)
+    scale = (1.0,) * len(axes) if spec.z_scale == 1.0 else (1.0, float(spec.z_scale), 1.0, 1.0)
     ome_zarr.finish_multiscale(root, axes, scale, path.stem)
     ome_zarr.finish_labels(root, GROUND_TRUTH, axes, scale)
     # the CTC track file (man_track.txt): ID, first frame, last frame, parent
@@ -54,6 +55,10 @@ def write_simulation(
         "complete",
         command="simulate",
         divisions=divisions,
-        simulation={k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.__dict__.items()},
+        simulation={
+            k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in spec.__dict__.items()
+            if k != "z_scale" or v != 1.0  # isotropic: the metadata of earlier versions
+        },
     )
     return path

@@ -14,17 +14,19 @@ from cellulus_scale.io.ome_zarr import OmeImage
 from cellulus_scale.kernels.normalisation import Normalisation
 
 
-def crop_shape(image: OmeImage, crop_size: int) -> tuple[int, ...]:
-    """Spatial crop shape: ``crop_size`` along y and x (and z for 3D images)."""
+def crop_shape(image: OmeImage, crop_size: int | tuple[int, ...]) -> tuple[int, ...]:
+    """Spatial crop shape: ``crop_size`` along y and x (and z for 3D images), or the given shape
+    per spatial axis."""
     _, _, depth, height, width = image.canonical_shape
     spatial = (depth, height, width) if image.spatial_dims == 3 else (height, width)
-    too_small = [s for s in spatial if s < crop_size]
-    if too_small:
+    shape = (crop_size,) * len(spatial) if isinstance(crop_size, int) else tuple(crop_size)
+    if any(s < c for s, c in zip(spatial, shape, strict=True)):
         raise UserInputError(
-            f"the image ({'x'.join(map(str, spatial))}) is smaller than the {crop_size} px crops",
+            f"the image ({'x'.join(map(str, spatial))}) is smaller than the"
+            f" {'x'.join(map(str, shape))} crops",
             "pass a smaller --crop-size that the network can take (see --help)",
         )
-    return (crop_size,) * len(spatial)
+    return shape
 
 
 def read_crop(
@@ -64,10 +66,18 @@ def textured_crop(
 
 
 def estimate_normalisation(
-    image: OmeImage, crop_size: int, samples: int, percentiles: tuple[float, float], seed: int
+    image: OmeImage,
+    crop_size: int | tuple[int, ...],
+    samples: int,
+    percentiles: tuple[float, float],
+    seed: int,
 ) -> Normalisation:
-    """Robust percentiles of the intensities over ``samples`` random crops."""
-    shape = crop_shape(image, min(crop_size, *image.canonical_shape[-2:]))
+    """Robust percentiles of the intensities over ``samples`` random crops (of ``crop_size``, at
+    most the frame's side, or of the given shape)."""
+    if isinstance(crop_size, int):
+        shape = crop_shape(image, min(crop_size, *image.canonical_shape[-2:]))
+    else:
+        shape = crop_shape(image, crop_size)
     rng = np.random.default_rng([seed, 7])
     values = []
     for _ in range(samples):
@@ -127,7 +137,7 @@ class RandomCrops(torch.utils.data.Dataset):
     def __init__(
         self,
         image: OmeImage,
-        crop_size: int,
+        crop_size: int | tuple[int, ...],
         normalisation: Normalisation,
         seed: int,
         length: int,
@@ -150,12 +160,17 @@ class RandomCrops(torch.utils.data.Dataset):
         return torch.from_numpy(augment(crop, rng, self.elastic))
 
 
-def crops_per_epoch(image: OmeImage, crop_size: int, floor: int, ceiling: int | None = None) -> int:
-    """An epoch: enough crops to cover every pixel of the data once, at least ``floor`` and at
-    most ``ceiling`` (where given)."""
+def crops_per_epoch(
+    image: OmeImage, crop_size: int | tuple[int, ...], floor: int, ceiling: int | None = None
+) -> int:
+    """An epoch: enough crops (of side ``crop_size``, or of that shape) to cover every pixel of
+    the data once, at least ``floor`` and at most ``ceiling`` (where given)."""
     frames, _, depth, height, width = image.canonical_shape
     voxels = frames * height * width * (depth if image.spatial_dims == 3 else 1)
-    per_crop = crop_size**image.spatial_dims
+    if isinstance(crop_size, int):
+        per_crop = crop_size**image.spatial_dims
+    else:
+        per_crop = math.prod(crop_size)
     crops = max(floor, math.ceil(voxels / per_crop))
     return crops if ceiling is None else min(crops, max(ceiling, floor))
 

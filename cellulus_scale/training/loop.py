@@ -66,7 +66,9 @@ class Recipe:
     kind: str  # the checkpoint kind: "oce" or "stardist"
     presets: dict[str, Preset]
     config_class: type  # TrainConfig or SupervisedConfig
-    check_crop: Callable[[ModelConfig, Any, tuple[int, ...]], None]  # refuses unsuitable crops
+    # refuses unsuitable crops; returns the crop shape per spatial axis, or None for crops of
+    # ``crop_size`` on every axis
+    check_crop: Callable[[ModelConfig, Any, tuple[int, ...]], tuple[int, ...] | None]
     columns: list[str]  # of the loss log
     ylabel: str  # of the loss plot
 
@@ -260,6 +262,7 @@ class TrainingSetup:
     normalisation: Normalisation
     checkpoint: Checkpoint | None
     state: dict[str, Any]
+    crop: int | tuple[int, ...] = 0  # the crop side, or the crop shape per spatial axis
 
 
 def prepare_training(
@@ -296,7 +299,7 @@ def prepare_training(
         changes = _resume_changes(model_config, train_config, epochs, overrides)
         train_config = replace(train_config, **changes)
         normalisation = checkpoint.normalisation
-        check_crop(model_config, train_config, spatial_shape)
+        shape = check_crop(model_config, train_config, spatial_shape)
     else:
         if model_path.exists() and not overwrite:
             raise UserInputError(
@@ -310,10 +313,10 @@ def prepare_training(
         if preset == AUTO_PRESET:
             preset = auto_preset(choose_device(options.device).type)
         model_config, train_config = resolve_configs(preset, image, overrides, presets)
-        check_crop(model_config, train_config, spatial_shape)
+        shape = check_crop(model_config, train_config, spatial_shape)
         normalisation = estimate_normalisation(
             image,
-            train_config.crop_size,
+            train_config.crop_size if shape is None else shape,
             train_config.normalisation_samples,
             train_config.normalisation_percentiles,
             train_config.seed,
@@ -326,7 +329,8 @@ def prepare_training(
             f" least 1 and workers ({train_config.num_workers}) at least 0",
             "pass positive values",
         )
-    return TrainingSetup(image, model_config, train_config, normalisation, checkpoint, state)
+    crop = train_config.crop_size if shape is None else shape
+    return TrainingSetup(image, model_config, train_config, normalisation, checkpoint, state, crop)
 
 
 def loader_workers(requested: int | None, device: torch.device) -> int:
@@ -405,7 +409,7 @@ def run_training(
     final_loss = math.nan
     crops = crops_per_epoch(
         image,
-        train_config.crop_size,
+        setup.crop,
         train_config.min_crops_per_epoch,
         train_config.max_crops_per_epoch,
     )

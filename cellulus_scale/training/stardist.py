@@ -42,7 +42,8 @@ LOG_COLUMNS = ["step", "epoch", "loss", "prob", "dist", "lr", "seconds", "data_w
 def check_supervised_crop(
     model_config: ModelConfig, config: SupervisedConfig, spatial_shape: tuple[int, ...]
 ) -> None:
-    """Refuse crops the depth-``d`` network cannot take or that do not fit in the image."""
+    """Refuse crops the depth-``d`` network cannot take or that do not fit in the image (the
+    crops are of ``crop_size`` on every axis)."""
     depth = model_config.depth
     check_input_size(config.crop_size, depth)
     side = min(spatial_shape)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from cellulus_scale.config import (
     AUTO_PRESET,
     PRESETS,
     SELF_TRAINING_CPU_MINUTES,
+    ModelConfig,
     Preset,
     SegmentationConfig,
     TrackingConfig,
@@ -36,15 +38,18 @@ from cellulus_scale.methods import oce, stardist, watershed
 from cellulus_scale.methods.base import Method, MethodSettings, Statistics
 from cellulus_scale.model.checkpoint import Checkpoint, check_compatible, load_checkpoint
 from cellulus_scale.model.device import choose_device
-from cellulus_scale.model.unet import context
+from cellulus_scale.model.unet import context, contexts
 from cellulus_scale.tracking.stages import LinkSettings, finish_tracks, run_linking
 from cellulus_scale.training.loop import TrainResult, training_finished
-from cellulus_scale.training.oce import largest_crop_within, train
+from cellulus_scale.training.oce import check_trainable, largest_crop_within, train
 from cellulus_scale.workflows.diameter import estimate_diameter
 from cellulus_scale.workflows.link import link_settings
 
 #: The model a run trained on its input, kept in the output store.
 MODEL_FILE = "model.pt"
+
+#: How far (relative) the voxel size of an image may differ from the one a model was trained on.
+SPACING_TOLERANCE = 0.05
 
 #: The methods of a checkpoint's kind (``--method cellulus``).
 MODEL_METHODS: dict[str, Method] = {"oce": oce.METHOD, "stardist": stardist.METHOD}
@@ -72,6 +77,7 @@ def predict(
     block_size: int | None = None,
     tta: int = default_of(SegmentationConfig, "tta_passes"),
     mode: str = default_of(SegmentationConfig, "mode"),
+    nucleus_threshold: str = default_of(SegmentationConfig, "nucleus_threshold"),
     threshold: float | None = None,
     min_contrast: float | None = default_of(SegmentationConfig, "min_contrast"),
     clustering: str = default_of(SegmentationConfig, "clustering"),
@@ -99,6 +105,7 @@ def predict(
     link: bool = False,
     max_gap: int = default_of(TrackingConfig, "max_gap"),
     max_distance: float | None = None,
+    voxel_size: Sequence[float] | None = None,
 ) -> PredictResult:
     """Segment every frame of an OME-Zarr image blockwise on Dask; write ``out.zarr`` with a
     copy of the image and the instance labels ``labels/cellulus`` (NGFF 0.4). With ``link``,
@@ -116,7 +123,11 @@ def predict(
     The cluster: ``client`` if given; else the scheduler at ``scheduler`` or named by
     ``scheduler_file`` (a ``tls://`` one with the PEM files ``tls_ca_file``, ``tls_cert`` and
     ``tls_key``); else, with ``slurm`` (a ``cluster.yaml``), SLURM jobs submitted for the run;
-    else a local cluster of ``workers`` processes."""
+    else a local cluster of ``workers`` processes.
+
+    3D images: the voxel size comes from the NGFF ``scale`` (``voxel_size`` Z,Y,X overrides
+    it); the diameter is in in-plane pixels, and embeddings, the mean-shift bandwidth, distances
+    and the minimum size are physical (z scaled by the z step)."""
     from cellulus_scale.blockwise.cluster import connection_options
 
     connection = connection_options(
@@ -138,10 +149,11 @@ def predict(
                 "rerun with the same --link options, or start again with --overwrite",
             )
     ome_zarr.check_sample_finite(image)  # before anything is written
+    spacing = ome_zarr.voxel_spacing(image, voxel_size)
     self_training = None
     if model_path is None and method == "cellulus":
         for choice in PRESETS.values() if preset == AUTO_PRESET else (PRESETS[preset],):
-            trainable_crop(image, choice)  # refuses an image too small before anything starts
+            check_trainable(image, choice, voxel_size)  # refuses before anything starts
         self_training = SelfTraining(
             Path(output_path).resolve() / WORK_DIR / MODEL_FILE,
             preset,
@@ -150,11 +162,12 @@ def predict(
             device,
             seed,
             axes,
+            tuple(voxel_size) if voxel_size is not None else None,
         )
         model_path = self_training.model_path
     estimated = diameter is None
     if diameter is None:
-        found = estimate_diameter(input_path, axes)
+        found = estimate_diameter(input_path, axes, spacing)
         diameter = found.diameter
         _say(
             progress,
@@ -165,6 +178,7 @@ def predict(
         diameter=diameter,
         tta_passes=tta,
         mode=mode,
+        nucleus_threshold=nucleus_threshold,
         threshold=threshold,
         min_contrast=min_contrast,
         clustering=clustering,
@@ -176,11 +190,20 @@ def predict(
     options = RunOptions(scheduler, workers, client, overwrite, resume, progress, **connection)
     if self_training is not None:
         chosen, checkpoint = oce.METHOD, None
-        depth = PRESETS["paper" if preset == AUTO_PRESET else preset].model.depth
+        preset_model = PRESETS["paper" if preset == AUTO_PRESET else preset].model
+        depth = preset_model.depth
+        # the model trained here: the preset's, for this image's layout and voxel size
+        network = replace(
+            preset_model,
+            spatial_dims=image.spatial_dims,
+            in_channels=image.canonical_shape[1],
+            spacing=spacing,
+        )
     else:
         chosen, checkpoint = choose_method(method, model_path)
         depth = checkpoint.model_config.depth if checkpoint is not None else 0
-    settings = method_settings(image, model_path, segmentation, checkpoint, depth)
+        network = checkpoint.model_config if checkpoint is not None else None
+    settings = method_settings(image, model_path, segmentation, checkpoint, depth, network, spacing)
     size = choose_block_size(block_size, image.spatial_dims, depth, diameter)
     plan = make_plan(image, output_path, size, device, chosen.name, settings)
     features = chosen.features(plan, save_embeddings)
@@ -213,22 +236,41 @@ def method_settings(
     segmentation: SegmentationConfig,
     checkpoint: Checkpoint | None,
     depth: int,
+    network: ModelConfig | None = None,
+    spacing: tuple[float, ...] | None = None,
 ) -> MethodSettings:
-    """The settings the plan carries for the method (a network of ``depth``, 0 without one),
-    once the model suits the image and the diameter the frame."""
+    """The settings the plan carries for the method (a network of ``depth``, 0 without one,
+    described by ``network`` where known), once the model suits the image and the diameter the
+    frame. An anisotropic OCE model (one with a voxel size) must have been trained for the
+    image's voxel size ``spacing``: its offsets are in those units."""
     if checkpoint is not None:
         check_compatible(checkpoint, image.spatial_dims, image.canonical_shape[1], str(image.path))
     spatial = image.canonical_shape[-image.spatial_dims :]
-    if segmentation.diameter > min(spatial):
+    trained = network.spacing if network is not None else None
+    if trained is not None and (
+        spacing is None
+        or any(abs(a / b - 1.0) > SPACING_TOLERANCE for a, b in zip(trained, spacing, strict=True))
+    ):
+        given = "isotropic" if spacing is None else "x".join(f"{v:g}" for v in spacing)
+        raise UserInputError(
+            f"the model was trained on voxels of {'x'.join(f'{v:g}' for v in trained)} (z,y,x in"
+            f" pixels), but {image.path} has {given}",
+            "pass --voxel-size Z,Y,X if the image's scale is wrong, or train a model on it",
+        )
+    physical = [s * (spacing[a] if spacing else 1.0) for a, s in enumerate(spatial)]
+    if segmentation.diameter > min(physical):
         raise UserInputError(
             f"--diameter {segmentation.diameter:g} is larger than the frame"
             f" ({'x'.join(map(str, spatial))})",
             "give the typical object diameter in pixels",
         )
+    halos = contexts(network) if network is not None and model_path is not None else None
     return MethodSettings(
         segmentation=segmentation,
         model_path=str(Path(model_path).resolve()) if model_path is not None else "",
         network_context=context(depth) if model_path is not None else 0,
+        network_halos=halos if halos is not None and len(set(halos)) > 1 else None,
+        spacing=trained,
     )
 
 
@@ -244,6 +286,7 @@ class SelfTraining:
     device: str
     seed: int
     axes: str | None
+    voxel_size: tuple[float, ...] | None = None
 
 
 def _say(progress: bool, message: str) -> None:
@@ -277,7 +320,9 @@ def train_here(
     preset = auto_preset(kind) if preset == AUTO_PRESET else preset
     chosen = PRESETS[preset]
     image = ome_zarr.open_image(image_path, options.get("axes"))
-    crop = min(chosen.train.crop_size, trainable_crop(image, chosen))
+    if image.spatial_dims == 2:
+        options["crop_size"] = min(chosen.train.crop_size, trainable_crop(image, chosen))
+    # 3D: train chooses the crop (in-plane side and planes) from the image and its voxel size
     return train(
         image_path,
         model_path,
@@ -285,7 +330,6 @@ def train_here(
         max_minutes=minutes,
         device=device,
         overwrite=True,
-        crop_size=crop,
         **options,
     )
 
@@ -308,6 +352,7 @@ def train_on_input(session: Session, training: SelfTraining, resume: bool) -> Ch
         epochs=training.epochs,
         device=training.device,
         seed=training.seed,
+        voxel_size=training.voxel_size,
         resume=resume and path.exists(),
         progress=session.progress and session.local,
     )
