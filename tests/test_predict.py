@@ -327,3 +327,14 @@ def torch_seed(seed: int) -> None:
     import torch
 
     torch.manual_seed(seed)
+
+
+def test_objects_too_small_for_the_model_are_warned_of_in_one_line(
+    video, model, workdir, client, capfd
+):
+    run(video, model, workdir / "small.zarr", client, diameter=6, tta=2)
+    warnings = [line for line in capfd.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1, warnings
+    assert "6.0 px" in warnings[0] and "2x larger" in warnings[0]
+    run(video, model, workdir / "usual.zarr", client, tta=2)
+    assert "warning" not in capfd.readouterr().err

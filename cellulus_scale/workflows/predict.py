@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -25,6 +26,7 @@ from cellulus_scale.config import (
     AUTO_PRESET,
     PRESETS,
     SELF_TRAINING_CPU_MINUTES,
+    SMALLEST_RESOLVED_DIAMETER,
     ModelConfig,
     Preset,
     SegmentationConfig,
@@ -174,6 +176,9 @@ def predict(
             f"estimated object diameter: {diameter:.1f} px ({found.objects} objects in"
             f" {found.frames} frames)",
         )
+    warning = small_object_warning(diameter) if method == "cellulus" else None
+    if warning is not None:
+        print(warning, file=sys.stderr, flush=True)
     segmentation = SegmentationConfig(
         diameter=diameter,
         tta_passes=tta,
@@ -210,6 +215,19 @@ def predict(
     details = {"diameter": diameter, "diameter_estimated": estimated}
     return run_method(
         chosen, plan, image, checkpoint, features, options, self_training, details, linking
+    )
+
+
+def small_object_warning(diameter: float) -> str | None:
+    """A one-line warning where objects of ``diameter`` pixels are too small for the model to
+    segment well (README, "Object sizes"), naming the fix; None where they are not."""
+    if diameter >= SMALLEST_RESOLVED_DIAMETER:
+        return None
+    factor = math.ceil(SMALLEST_RESOLVED_DIAMETER / diameter)
+    return (
+        f"warning: objects of {diameter:.1f} px are smaller than the model resolves well"
+        f" ({SMALLEST_RESOLVED_DIAMETER:g} px); resample the image {factor}x larger in y and x"
+        " first (expect many merged or missed objects otherwise)"
     )
 
 
