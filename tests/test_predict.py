@@ -93,6 +93,19 @@ def test_blockwise_embeddings_equal_whole_frame(video, model, workdir, client):
         assert np.abs(blockwise - reference).max() < 1e-4
 
 
+def test_saved_embeddings_change_no_label_and_the_compact_scratch_is_removed(
+    video, model, workdir, client
+):
+    saved = workdir / "e_whole.zarr"
+    if not saved.exists():
+        run(video, model, saved, client, block_size=256, save_embeddings=True)
+    plain = run(video, model, workdir / "plain_256.zarr", client, block_size=256)
+    # the labels come from the compact OCEs either way; the float32 ones are only kept
+    assert np.array_equal(labels_of(plain), labels_of(saved))
+    assert not (plain / "embeddings").exists() and not (plain / ".cellulus-scale").exists()
+    assert (saved / "embeddings" / "0").exists()
+
+
 def test_labels_do_not_depend_on_block_size(video, model, workdir, client):
     results = {
         size: labels_of(run(video, model, workdir / f"l_{size}.zarr", client, block_size=size))

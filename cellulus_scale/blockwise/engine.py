@@ -117,6 +117,7 @@ class Session:
     root: zarr.Group
     progress: bool = True
     local: bool = True  # on a cluster started for the run (on this machine)
+    features: Sequence[FeatureImage] = ()  # the feature images prepared in the output
     recomputed: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -265,7 +266,7 @@ def run_session(
         plan = replace(plan, torch_threads=threads_per_host(dask))
         root = prepare_output(plan, image, options.overwrite, options.resume, features)
         local = options.client is None and not options.remote
-        yield Session(dask, plan, image, root, options.progress, local)
+        yield Session(dask, plan, image, root, options.progress, local, tuple(features))
 
 
 @contextlib.contextmanager

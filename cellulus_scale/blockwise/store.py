@@ -13,6 +13,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
@@ -32,13 +33,17 @@ LABEL_COLOURS_MAX = 1000
 
 @dataclass(frozen=True)
 class FeatureImage:
-    """A float32 image (t, c, *spatial) that a method writes besides the labels, chunked like
-    the blocks: at the end of the run kept as an NGFF image (one level) if ``keep``, else
-    removed."""
+    """An image (t, c, *spatial) that a method writes besides the labels, chunked like the
+    blocks: at the end of the run kept as an NGFF image (one level) if ``keep``, else removed
+    before the pyramids are made. ``name`` is its path in the output (under :data:`WORK_DIR`
+    for a method's scratch); ``filters`` are numcodecs configurations applied before
+    compression."""
 
     name: str
     channels: int
     keep: bool = False
+    dtype: str = "float32"
+    filters: tuple[dict[str, Any], ...] = ()
 
 
 # --- the input -------------------------------------------------------------------------------
@@ -200,12 +205,13 @@ def prepare_output(
     chunks = _chunks(plan, image.axes, image.data.shape)
     ome_zarr.create_level0(root, image.data.shape, chunks, image.data.dtype)
     for feature in features:
-        group = root.create_group(feature.name)
+        group = root.require_group(feature.name)
         ome_zarr.create_level0(
             group,
             (plan.frames, feature.channels, *plan.spatial_shape),
             (1, feature.channels, *spatial_chunks),
-            np.float32,
+            np.dtype(feature.dtype),
+            filters=feature.filters,
         )
     return root
 
@@ -261,7 +267,11 @@ def finish_output(
     """Pyramids and NGFF metadata (the input's units, scale, translation and ``omero`` channels
     carried over; the labels' colours where there are few objects), feature images kept or
     removed, ``finishing()`` (e.g. the tracks' own), then mark the store complete with
-    ``details`` (the last write of a run)."""
+    ``details`` (the last write of a run). The feature images not kept go first, so that they
+    and the pyramids never take disk space together."""
+    for feature in features:
+        if not feature.keep:
+            ome_zarr.remove_store(Path(plan.output_path) / feature.name)
     name = Path(plan.input_path).stem
     ome_zarr.finish_multiscale(root, image.space, None, name, omero=image.omero)
     objects = int(details.get("objects", 0))  # type: ignore[call-overload]
@@ -275,7 +285,5 @@ def finish_output(
             ome_zarr.finish_multiscale(
                 root[feature.name], space, None, feature.name, levels=1, method="nearest"
             )
-        else:
-            ome_zarr.remove_store(Path(plan.output_path) / feature.name)
     ome_zarr.remove_store(Path(plan.output_path) / WORK_DIR)
     ome_zarr.mark_status(root, "complete", **details)

@@ -38,6 +38,10 @@ _KNOWN_UNITS = {"space": set(KNOWN_SPATIAL_UNITS), "time": set(KNOWN_TEMPORAL_UN
 #: The pyramid methods: ``resize`` is ome-zarr-py's default (anti-aliased, for images),
 #: ``nearest`` takes every second pixel (for labels and other images of IDs).
 PYRAMID_METHODS = ("resize", "nearest")
+#: The compressor of every array written: Blosc's zstd (level 5, byte shuffle). On real uint16
+#: nuclei it stores the image copy in 0.79x and the labels in 0.23x the bytes of Blosc's lz4,
+#: zarr's default (README, "Data layout"); every zarr reader has Blosc.
+COMPRESSOR = {"id": "blosc", "cname": "zstd", "clevel": 5, "shuffle": 1, "blocksize": 0}
 
 
 @dataclass(frozen=True)
@@ -422,17 +426,29 @@ def create_level0(
     chunks: Sequence[int],
     dtype: np.dtype | str,
     fill_value: Any = 0,
+    filters: Sequence[dict[str, Any]] | None = None,
+    name: str = "0",
 ) -> zarr.Array:
-    """Create the full-resolution array "0" of an image group, chunked for blockwise writes."""
+    """Create the full-resolution array "0" (or ``name``) of an image group, chunked for
+    blockwise writes, compressed with :data:`COMPRESSOR` after ``filters`` (numcodecs
+    configurations, e.g. ``{"id": "delta", "dtype": "u1"}``)."""
     return group.create_array(
-        "0",
+        name,
         shape=tuple(shape),
         chunks=tuple(chunks),
         dtype=dtype,
         fill_value=fill_value,
         overwrite=True,
         chunk_key_encoding={"name": "v2", "separator": "/"},
+        compressors=_numcodec(COMPRESSOR),
+        filters=[_numcodec(f) for f in filters] if filters else None,
     )
+
+
+def _numcodec(config: dict[str, Any]) -> Any:
+    import numcodecs
+
+    return numcodecs.get_codec(dict(config))
 
 
 def _downsample(data: da.Array, axes: str, method: str) -> da.Array:
@@ -502,14 +518,8 @@ def finish_multiscale(
         if level > 0:
             data = _downsample(previous, space.axes, method)
             chunks = tuple(max(1, min(c, s)) for c, s in zip(base.chunks, data.shape, strict=True))
-            target = group.create_array(
-                str(level),
-                shape=data.shape,
-                chunks=chunks,
-                dtype=base.dtype,
-                fill_value=base.fill_value,
-                overwrite=True,
-                chunk_key_encoding={"name": "v2", "separator": "/"},
+            target = create_level0(
+                group, data.shape, chunks, base.dtype, base.fill_value, name=str(level)
             )
             da.store(data.rechunk(chunks), target, lock=False)
             previous = da.from_zarr(target)
