@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -81,31 +82,53 @@ def measure(source: str | None, options: dict, output: Path, interval: float) ->
     process = subprocess.Popen(
         [sys.executable, "-c", PREDICT, json.dumps(options)],
         env=env,
+        cwd=output.parent,  # not the project root, whose package would shadow ``source``
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    peak = [0]
+    peak: list = [0, {}]
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            peak[0] = max(peak[0], tree_bytes(output))
+            found = breakdown(output)
+            if sum(found.values()) > peak[0]:
+                peak[0], peak[1] = sum(found.values()), found
             time.sleep(interval)
 
     watcher = threading.Thread(target=sample, daemon=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     watcher.start()
     stdout, stderr = process.communicate()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the run's processes, reaped
     stop.set()
     watcher.join()
     if process.returncode != 0:
         raise SystemExit(f"predict failed:\n{stderr[-3000:]}")
     seconds = json.loads(stdout.strip().splitlines()[-1])["seconds"]
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     return {
         "seconds": seconds,
-        "peak": max(peak[0], tree_bytes(output)),
+        "cpu": cpu,
+        "peak": peak[0],
+        "at peak": peak[1],
         "final": tree_bytes(output),
     }
+
+
+def breakdown(output: Path) -> dict[str, int]:
+    """Bytes under ``output`` by entry (and by entry of its work folder)."""
+    found: dict[str, int] = {}
+    if not output.exists():
+        return found
+    for entry in list(output.iterdir()):
+        inner = list(entry.iterdir()) if entry.name == ".cellulus-scale" and entry.is_dir() else []
+        for part in inner or [entry]:
+            name = str(part.relative_to(output))
+            with contextlib.suppress(OSError):
+                found[name] = part.stat().st_size if part.is_file() else tree_bytes(part)
+    return found
 
 
 def parts(output: Path) -> dict[str, int]:
@@ -202,9 +225,12 @@ def main() -> None:
     runs = [("this version", None)]
     if args.baseline_source is not None:
         runs.append((f"baseline ({args.baseline_source})", str(args.baseline_source)))
-    outputs = {}
-    print("| run | seconds | peak written MB | peak / input | finished MB | finished / input |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    outputs, peaks = {}, {}
+    print(
+        "| run | seconds | CPU seconds | peak written MB | peak / input | finished MB |"
+        " finished / input |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, package in runs:
         output = workdir / f"out_{len(outputs)}.zarr"
         options = {
@@ -221,11 +247,16 @@ def main() -> None:
         }
         found = measure(package, options, output, args.interval)
         outputs[name] = output
+        peaks[name] = found["at peak"]
         print(
-            f"| {name} | {found['seconds']:.1f} | {found['peak'] / 1e6:.2f} |"
+            f"| {name} | {found['seconds']:.1f} | {found['cpu']:.0f} | {found['peak'] / 1e6:.2f} |"
             f" {found['peak'] / input_bytes:.2f}x | {found['final'] / 1e6:.2f} |"
             f" {found['final'] / input_bytes:.2f}x |"
         )
+    for name, found in peaks.items():
+        largest = sorted(found.items(), key=lambda item: -item[1])[:6]
+        shares = ", ".join(f"{k} {v / input_bytes:.2f}x" for k, v in largest)
+        print(f"{name}, at the peak: {shares}")
     for name, output in outputs.items():
         shares = ", ".join(f"{k} {v / input_bytes:.2f}x" for k, v in parts(output).items())
         print(f"{name}, finished output: {shares}")

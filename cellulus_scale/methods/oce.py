@@ -27,7 +27,6 @@ from cellulus_scale.blockwise.blocks import Block
 from cellulus_scale.blockwise.engine import Session, Stage
 from cellulus_scale.blockwise.plan import Plan
 from cellulus_scale.blockwise.store import (
-    WORK_DIR,
     FeatureImage,
     check_finite,
     read_feature,
@@ -60,8 +59,8 @@ from cellulus_scale.methods.centres import (
 )
 from cellulus_scale.model.checkpoint import Checkpoint
 
-#: The compact OCEs kept between the stages: a scratch array of the run.
-COMPACT_NAME = f"{WORK_DIR}/compact-oces"
+#: The compact OCEs kept between the stages: a scratch array in the run's work folder.
+COMPACT_NAME = "compact-oces"
 #: Delta coding along x before compression: 0.77 of the offsets' bytes on real nuclei.
 COMPACT_FILTERS = ({"id": "delta", "dtype": "u1"},)
 
@@ -99,7 +98,7 @@ def oce_task(plan: Plan, frame: int, block: Block, full: bool) -> dict[str, np.n
     kept = compact.encode(
         offsets, std, seg.offset_step, HIST_EDGES, seg.std_bins_per_code, seg.threshold
     )
-    write_feature_core(plan, COMPACT_NAME, frame, block, kept)
+    write_feature_core(plan, compact_path(plan), frame, block, kept)
     if full:
         embeddings = np.concatenate([offsets, std[None]]).astype(np.float32)
         write_feature_core(plan, EMBEDDINGS_NAME, frame, block, embeddings)
@@ -127,11 +126,18 @@ def _grown_embeddings(
     region = block.grown(halo, plan.spatial_shape)
     seg = plan.settings.segmentation
     offsets, foreground = compact.decode(
-        read_feature(plan, COMPACT_NAME, frame, region), seg.offset_step, code_limit(plan, stats)
+        read_feature(plan, compact_path(plan), frame, region),
+        seg.offset_step,
+        code_limit(plan, stats),
     )
     origin = [r.start for r in region]
     embeddings = embeddings_of(offsets, origin, np.asarray(stats.mean_offset))
     return region, embeddings, foreground
+
+
+def compact_path(plan: Plan) -> str:
+    """The compact OCEs' path in the output: in the run's work folder."""
+    return f"{plan.work_dir}/{COMPACT_NAME}"
 
 
 def code_limit(plan: Plan, stats: Statistics) -> int:
@@ -216,7 +222,7 @@ def run(session: Session, checkpoint: Checkpoint | None) -> MethodResult:
 
 def features(plan: Plan, save_embeddings: bool) -> Sequence[FeatureImage]:
     """The compact OCEs the stages share, and with ``save_embeddings`` the float32 ones, kept."""
-    kept = FeatureImage(COMPACT_NAME, plan.spatial_dims + 1, False, "uint8", COMPACT_FILTERS)
+    kept = FeatureImage(compact_path(plan), plan.spatial_dims + 1, False, "uint8", COMPACT_FILTERS)
     return (kept, embeddings_image(plan, keep=True)) if save_embeddings else (kept,)
 
 

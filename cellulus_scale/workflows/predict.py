@@ -65,7 +65,7 @@ class PredictResult:
 
 def predict(
     input_path: str | os.PathLike[str],
-    output_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str] | None,
     model_path: str | os.PathLike[str] | None = None,
     diameter: float | None = None,
     method: str = "cellulus",
@@ -99,6 +99,7 @@ def predict(
     link: bool = False,
     max_gap: int = default_of(TrackingConfig, "max_gap"),
     max_distance: float | None = None,
+    into_input: bool = False,
 ) -> PredictResult:
     """Segment every frame of an OME-Zarr image blockwise on Dask; write ``out.zarr`` with a
     copy of the image and the instance labels ``labels/cellulus`` (NGFF 0.4). With ``link``,
@@ -116,9 +117,14 @@ def predict(
     The cluster: ``client`` if given; else the scheduler at ``scheduler`` or named by
     ``scheduler_file`` (a ``tls://`` one with the PEM files ``tls_ca_file``, ``tls_cert`` and
     ``tls_key``); else, with ``slurm`` (a ``cluster.yaml``), SLURM jobs submitted for the run;
-    else a local cluster of ``workers`` processes."""
+    else a local cluster of ``workers`` processes.
+
+    With ``into_input`` (and ``output_path`` None) the labels are written into the input's own
+    ``labels`` group (``IN.zarr/labels/cellulus``, NGFF 0.4 inputs), with no copy of the image;
+    nothing else of the input is written to."""
     from cellulus_scale.blockwise.cluster import connection_options
 
+    output_path = output_of(input_path, output_path, into_input, link, save_embeddings)
     connection = connection_options(
         scheduler, scheduler_file, tls_ca_file, tls_cert, tls_key, slurm
     )
@@ -127,9 +133,12 @@ def predict(
     if device == "cuda":
         choose_device(device)  # refuses where no CUDA GPU is available
     linking = link_settings(LABELS_NAME, max_gap, max_distance) if link else None
-    if not resume:
+    work = Path(output_path).resolve() / ("labels" if into_input else "") / WORK_DIR
+    if into_input and not resume:
+        ome_zarr.check_labels_writable(image.path, LABELS_NAME, overwrite)
+    elif not resume:
         ome_zarr.check_output_path(output_path, overwrite, inputs=[image.path])
-    elif Path(output_path).exists():
+    elif Path(output_path).exists() and not into_input:
         recorded = ome_zarr.run_status(output_path).get("link")
         if recorded != (linking.to_json() if linking else None):
             raise UserInputError(
@@ -143,7 +152,7 @@ def predict(
         for choice in PRESETS.values() if preset == AUTO_PRESET else (PRESETS[preset],):
             trainable_crop(image, choice)  # refuses an image too small before anything starts
         self_training = SelfTraining(
-            Path(output_path).resolve() / WORK_DIR / MODEL_FILE,
+            work / MODEL_FILE,
             preset,
             train_minutes,
             train_epochs,
@@ -182,12 +191,42 @@ def predict(
         depth = checkpoint.model_config.depth if checkpoint is not None else 0
     settings = method_settings(image, model_path, segmentation, checkpoint, depth)
     size = choose_block_size(block_size, image.spatial_dims, depth, diameter)
-    plan = make_plan(image, output_path, size, device, chosen.name, settings)
+    plan = make_plan(image, output_path, size, device, chosen.name, settings, into_input)
     features = chosen.features(plan, save_embeddings)
     details = {"diameter": diameter, "diameter_estimated": estimated}
     return run_method(
         chosen, plan, image, checkpoint, features, options, self_training, details, linking
     )
+
+
+def output_of(
+    input_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str] | None,
+    into_input: bool,
+    link: bool,
+    save_embeddings: bool,
+) -> str | os.PathLike[str]:
+    """The output store: ``output_path``, or the input itself with ``into_input``."""
+    if not into_input:
+        if output_path is None:
+            raise UserInputError(
+                "OUTPUT is missing",
+                "name a new output store (predict IMAGE OUTPUT), or pass --into-input to write"
+                " the labels into IMAGE's own labels group",
+            )
+        return output_path
+    if output_path is not None:
+        raise UserInputError(
+            "--into-input writes into IMAGE itself, but an OUTPUT was named too",
+            "drop OUTPUT, or drop --into-input",
+        )
+    for flag, given in (("--link", link), ("--save-embeddings", save_embeddings)):
+        if given:
+            raise UserInputError(
+                f"{flag} writes beside the labels, which --into-input does not allow",
+                f"drop {flag}, or write a new output: predict IMAGE OUTPUT",
+            )
+    return input_path
 
 
 def choose_method(
@@ -365,7 +404,8 @@ def run_method(
             raise
     start = time.perf_counter()
     if self_training is not None:
-        details["model"] = str(keep_model(self_training.model_path, Path(plan.output_path)))
+        kept = Path(plan.output_path) / ("labels/" + LABELS_NAME if plan.into_input else "")
+        details["model"] = str(keep_model(self_training.model_path, kept))
     finishing = None
     if linked is not None:
         details["tracks"] = linked.summary()
