@@ -153,6 +153,34 @@ def test_into_input_writes_only_the_inputs_labels_group(video, model, workdir, c
     assert raw_hash(target) == before
 
 
+def test_an_interrupted_run_into_the_input_resumes_to_the_same_labels(
+    video, model, workdir, client, monkeypatch
+):
+    import cellulus_scale.methods.centres as centres
+
+    reference = workdir / "local.zarr"
+    if not reference.exists():
+        run(video, model, reference, client, block_size=128)
+    target = workdir / "into_resumed.zarr"
+    shutil.copytree(video, target)
+    before = raw_hash(target)
+    options = dict(diameter=24, tta=4, block_size=128, client=client, progress=False)
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt  # after the OCE stage, as Ctrl-C would
+
+    with monkeypatch.context() as patch:
+        patch.setattr(centres, "number_centres", stop)
+        with pytest.raises(KeyboardInterrupt):
+            predict(target, None, model, into_input=True, **options)
+    assert (target / "labels" / ".cellulus-scale" / "oce").exists()
+    assert "cellulus" not in zarr.open_group(str(target / "labels"), mode="r").attrs["labels"]
+    result = predict(target, None, model, into_input=True, resume=True, **options)
+    assert result.recomputed["oce"] == 0
+    assert np.array_equal(labels_of(target), labels_of(reference))
+    assert raw_hash(target) == before
+
+
 def test_labels_do_not_depend_on_block_size(video, model, workdir, client):
     results = {
         size: labels_of(run(video, model, workdir / f"l_{size}.zarr", client, block_size=size))
