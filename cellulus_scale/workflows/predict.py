@@ -10,6 +10,7 @@ stages; then it finishes the output.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -416,16 +417,24 @@ def run_method(
             finish_tracks(session.root, session.plan, linking, linked, label_space)
             session.timings["tracks output"] = time.perf_counter() - begun
 
-    finish_output(
-        session.plan,
-        image,
-        session.root,
-        features,
-        finishing,
-        objects=result.objects,
-        statistics=asdict(result.statistics),
-        **details,
-    )
+    try:
+        finish_output(
+            session.plan,
+            image,
+            session.root,
+            features,
+            finishing,
+            objects=result.objects,
+            statistics=asdict(result.statistics),
+            **details,
+        )
+    except OSError as error:  # e.g. a full disk met by the pyramids: every block is recorded
+        if error.errno is None:
+            raise
+        raise UserInputError(
+            f"{error.strerror} in the output {plan.output_path} (finishing it)",
+            "free space or make it writable, then rerun the same command with --resume",
+        ) from None
     session.timings["writing"] = (
         time.perf_counter() - start - session.timings.get("tracks output", 0.0)
     )
@@ -442,8 +451,10 @@ def run_method(
 
 def stopped_on(session: Session, error: UserInputError) -> None:
     """A problem of the input or the output stopped the run: the output records it, so that the
-    next command says to fix it and finish with --resume (or start again with --overwrite)."""
-    session.record(stopped=error.problem)
+    next command says to fix it and finish with --resume (or start again with --overwrite).
+    Where even that cannot be written (a full disk), the error is reported all the same."""
+    with contextlib.suppress(OSError):
+        session.record(stopped=error.problem)
 
 
 def keep_model(model_path: Path, output: Path) -> Path:
