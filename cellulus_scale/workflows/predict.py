@@ -187,9 +187,6 @@ def predict(
             f"estimated object diameter: {diameter:.1f} px ({found.objects} objects in"
             f" {found.frames} frames)",
         )
-    warning = small_object_warning(diameter) if method == "cellulus" else None
-    if warning is not None:
-        print(warning, file=sys.stderr, flush=True)
     segmentation = SegmentationConfig(
         diameter=diameter,
         tta_passes=tta,
@@ -203,6 +200,9 @@ def predict(
         prob_threshold=prob_threshold,
         nms_threshold=nms_threshold,
     )
+    warning = small_object_warning(segmentation.diameter) if method == "cellulus" else None
+    if warning is not None:
+        print(warning, file=sys.stderr, flush=True)
     options = RunOptions(scheduler, workers, client, overwrite, resume, progress, **connection)
     if self_training is not None:
         chosen, checkpoint = oce.METHOD, None
