@@ -161,10 +161,11 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 
-#: Objects smaller than this (pixels across) are below what the depth-1 network resolves (its
-#: field of view is 16 px and the loss's partner radius 10 px): chosen on data (README, "Object
-#: sizes"): simulated nuclei of 12 to 160 px scored F1 0.94 to 1.00, of 8 px 0.55 to 0.60.
-SMALLEST_RESOLVED_DIAMETER = 10.0
+#: Objects smaller than this (pixels across) are below what the network learns to resolve: the
+#: loss pairs pixels up to kappa apart, so an object narrower than kappa is mostly paired with
+#: its neighbours. Set by the method, not chosen on data; the simulated object-size table
+#: (README, "Object sizes": F1 0.94 to 1.00 from 12 to 160 px, 0.55 to 0.60 at 8 px) agrees.
+SMALLEST_RESOLVED_DIAMETER = TrainConfig.kappa
 
 #: ``predict`` without ``--model`` trains on its input; on a CPU within this many minutes by
 #: default (with the cpu preset: its whole schedule for images up to a few megapixels).
@@ -345,7 +346,8 @@ class TrackingConfig:
     distance_weight: float = 0.5  # bonus of a pair at distance 0 (falls to 0 at max_distance)
     # A division: one object of frame t covered by two smaller objects of frame t+1 that lie
     # mostly inside it. A segmentation error (two nuclei merged in t, apart in t+1) has the same
-    # pattern; these bounds were set on simulated divisions (README, "Tracking").
+    # pattern. These bounds were set on simulated divisions only (README, "Tracking"): the
+    # shared real data hold no annotated time-lapse to choose them on; check them on one.
     division_inside: float = 0.4  # share of each daughter inside the mother, at least
     division_cover: float = 0.5  # share of the mother the two daughters cover, at least
     division_area: tuple[float, float] = (0.5, 1.6)  # daughters' summed area / mother's area
