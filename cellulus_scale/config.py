@@ -260,6 +260,12 @@ class SegmentationConfig:
     seed: int = 0
     prob_threshold: float = 0.5  # StarDist models: candidates where the probability exceeds it
     nms_threshold: float = 0.4  # StarDist models: overlap above which a candidate is suppressed
+    # The OCEs kept between a run's stages (README, "Data layout"): offsets in fixed point of
+    # diameter / offset_steps (0.44 px for d = 28, a 32nd of the mean-shift bandwidth), and the std
+    # as its histogram bin // std_bins_per_code, so the Otsu threshold falls on a multiple of
+    # std_bins_per_code of the 4096 log-spaced bins (every 8.4% of std).
+    offset_steps: int = 64
+    std_bins_per_code: int = 16
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.diameter) or self.diameter <= 0:
@@ -290,6 +296,11 @@ class SegmentationConfig:
     def bandwidth(self) -> float:
         """Mean-shift bandwidth: half the diameter."""
         return 0.5 * self.diameter
+
+    @property
+    def offset_step(self) -> float:
+        """The fixed-point step of the offsets kept between stages (pixels)."""
+        return self.diameter / self.offset_steps
 
     @property
     def clustering_halo(self) -> int:

@@ -332,10 +332,11 @@ def train_supervised(image: Path, model: Path, **options: Any) -> None:
 
 @main.command(
     epilog="\b\nExamples:\n  cellulus-scale predict video.zarr segmented.zarr\n"
-    "  cellulus-scale predict video.zarr segmented.zarr --model model.pt --diameter 24"
+    "  cellulus-scale predict video.zarr segmented.zarr --model model.pt --diameter 24\n"
+    "  cellulus-scale predict video.zarr --into-input"
 )
 @click.argument("image", type=click.Path(path_type=Path))
-@click.argument("output", type=click.Path(path_type=Path))
+@click.argument("output", type=click.Path(path_type=Path), required=False)
 @click.option(
     "--model",
     "model",
@@ -500,13 +501,19 @@ def train_supervised(image: Path, model: Path, **options: Any) -> None:
     default=None,
     help="With --link: largest move (px) between frames (default: the median object's diameter).",
 )
+@click.option(
+    "--into-input",
+    is_flag=True,
+    help="Write the labels into IMAGE's own labels group (IMAGE/labels/cellulus; NGFF 0.4) and"
+    " copy nothing; no OUTPUT then. Nothing else of IMAGE is written to.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--resume", is_flag=True, help="Finish an interrupted run into OUTPUT.")
 @user_errors
-def predict(image: Path, output: Path, model: Path | None, **options: Any) -> None:
+def predict(image: Path, output: Path | None, model: Path | None, **options: Any) -> None:
     """Segment every frame of IMAGE blockwise on Dask; write OUTPUT (.zarr) with a copy of the
-    image and the labels 'labels/cellulus'. Without --model, train on IMAGE first; without
-    --diameter, estimate it.
+    image and the labels 'labels/cellulus' (or, with --into-input, the labels into IMAGE).
+    Without --model, train on IMAGE first; without --diameter, estimate it.
     """
     from cellulus_scale import predict as run_prediction
 

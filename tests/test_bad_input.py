@@ -225,7 +225,7 @@ def test_output_on_a_read_only_mount(simulated_store, model, cli_runner, digest,
 def test_full_disk_then_resume_after_freeing_space(
     tmp_path, simulated_store, model, run_cli, digest, tmpfs
 ):
-    # A 64 KiB tmpfs takes the store's metadata but not the 4x3x128x128 float32 embeddings.
+    # A 64 KiB tmpfs takes the store's metadata but not the image copy and compact OCEs.
     before = digest(simulated_store)
     folder = tmpfs("size=64k")
     out = folder / "out.zarr"

@@ -72,3 +72,29 @@ def test_postprocess_drops_speckles_and_stray_parts_and_keeps_nuclei() -> None:
     # without the contrast rule the speckle stays
     kept = postprocess(labels, intensity, "nucleus", 3, 6, min_size=30, ring=6)
     assert 99 in np.unique(kept)
+
+
+def test_compact_oces_keep_offsets_to_half_a_step_and_foreground_exactly() -> None:
+    from cellulus_scale.kernels import compact
+    from cellulus_scale.methods.centres import HIST_EDGES, snapped_edge
+
+    rng = np.random.default_rng(0)
+    offsets = rng.uniform(-40, 40, (2, 64, 64)).astype(np.float32)
+    std = np.exp(rng.uniform(-3, 4, (64, 64))).astype(np.float32)
+    step = 28 / 64
+    values = compact.encode(offsets, std, step, HIST_EDGES, 16, None)
+    assert values.dtype == np.uint8 and values.shape == (3, 64, 64)
+    decoded, _ = compact.decode(values, step, 0)
+    assert np.abs(decoded - offsets).max() <= step / 2 + 1e-6
+    far = np.full((2, 1, 1), 100.0, dtype=np.float32)  # beyond +-127 steps: clipped
+    clipped, _ = compact.decode(
+        compact.encode(far, std[:1, :1], step, HIST_EDGES, 16, None), step, 0
+    )
+    assert np.allclose(clipped, 127 * step)
+    for edge in (1, 700, 1234, 2900, 4096):
+        snapped = snapped_edge(edge, 16)
+        assert snapped % 16 == 0 and abs(snapped - edge) <= 16
+        _, foreground = compact.decode(values, step, snapped // 16)
+        assert np.array_equal(foreground, std < HIST_EDGES[snapped])
+    _, foreground = compact.decode(compact.encode(offsets, std, step, HIST_EDGES, 16, 5.0), step, 1)
+    assert np.array_equal(foreground, std < 5.0)

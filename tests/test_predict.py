@@ -93,6 +93,94 @@ def test_blockwise_embeddings_equal_whole_frame(video, model, workdir, client):
         assert np.abs(blockwise - reference).max() < 1e-4
 
 
+def test_saved_embeddings_change_no_label_and_the_compact_scratch_is_removed(
+    video, model, workdir, client
+):
+    saved = workdir / "e_whole.zarr"
+    if not saved.exists():
+        run(video, model, saved, client, block_size=256, save_embeddings=True)
+    plain = run(video, model, workdir / "plain_256.zarr", client, block_size=256)
+    # the labels come from the compact OCEs either way; the float32 ones are only kept
+    assert np.array_equal(labels_of(plain), labels_of(saved))
+    assert not (plain / "embeddings").exists() and not (plain / ".cellulus-scale").exists()
+    assert (saved / "embeddings" / "0").exists()
+
+
+def raw_hash(path: Path) -> str:
+    """The hash of every file of an image store outside its ``labels`` group."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        relative = file.relative_to(path)
+        if relative.parts[0] != "labels":
+            digest.update(str(relative).encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def test_into_input_writes_only_the_inputs_labels_group(video, model, workdir, client):
+    from ome_zarr_models.v04 import Image, ImageLabel, Labels
+
+    reference = workdir / "local.zarr"
+    if not reference.exists():
+        run(video, model, reference, client, block_size=128)
+    target = workdir / "into.zarr"
+    shutil.copytree(video, target)
+    before = raw_hash(target)
+    predict(
+        target,
+        None,
+        model,
+        diameter=24,
+        tta=4,
+        block_size=128,
+        client=client,
+        progress=False,
+        into_input=True,
+    )
+    assert raw_hash(target) == before  # the image and its metadata, byte for byte
+    assert np.array_equal(labels_of(target), labels_of(reference))
+    root = zarr.open_group(str(target), mode="r")
+    Image.from_zarr(root)
+    assert set(Labels.from_zarr(root["labels"]).attributes.labels) == {"ground_truth", "cellulus"}
+    ImageLabel.from_zarr(root["labels"]["cellulus"])
+    assert not (target / "labels" / ".cellulus-scale").exists()
+    expect_refusal(
+        cli("predict", target, "--into-input", "--model", model, "--diameter", "24"),
+        "labels/cellulus",
+        "--overwrite",
+    )
+    expect_refusal(cli("predict", target, "--model", model, "--diameter", "24"), "--into-input")
+    assert raw_hash(target) == before
+
+
+def test_an_interrupted_run_into_the_input_resumes_to_the_same_labels(
+    video, model, workdir, client, monkeypatch
+):
+    import cellulus_scale.methods.centres as centres
+
+    reference = workdir / "local.zarr"
+    if not reference.exists():
+        run(video, model, reference, client, block_size=128)
+    target = workdir / "into_resumed.zarr"
+    shutil.copytree(video, target)
+    before = raw_hash(target)
+    options = dict(diameter=24, tta=4, block_size=128, client=client, progress=False)
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt  # after the OCE stage, as Ctrl-C would
+
+    with monkeypatch.context() as patch:
+        patch.setattr(centres, "number_centres", stop)
+        with pytest.raises(KeyboardInterrupt):
+            predict(target, None, model, into_input=True, **options)
+    assert (target / "labels" / ".cellulus-scale" / "oce").exists()
+    assert "cellulus" not in zarr.open_group(str(target / "labels"), mode="r").attrs["labels"]
+    result = predict(target, None, model, into_input=True, resume=True, **options)
+    assert result.recomputed["oce"] == 0
+    assert np.array_equal(labels_of(target), labels_of(reference))
+    assert raw_hash(target) == before
+
+
 def test_labels_do_not_depend_on_block_size(video, model, workdir, client):
     results = {
         size: labels_of(run(video, model, workdir / f"l_{size}.zarr", client, block_size=size))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 
 from cellulus_scale.io.ome_zarr import open_labels, run_status
 from cellulus_scale.simulation.simulate import SimulationSpec
@@ -82,6 +83,10 @@ def test_interrupted_run_resumes_to_identical_labels(setup, stop_signal):
     process.wait(timeout=120)
     assert process.returncode != 0
     assert run_status(out)["status"] == "incomplete"
+    # the OCEs kept between stages are the compact scratch (one byte per value), not float32
+    scratch = zarr.open_array(str(out / ".cellulus-scale" / "compact-oces" / "0"), mode="r")
+    assert scratch.dtype == np.uint8 and scratch.shape == (4, 3, 192, 192)
+    assert not (out / "embeddings").exists()
     for command in (["evaluate", str(out)], ["preview", str(out), "-o", str(workdir / "p.png")]):
         refused = subprocess.run(
             [str(BIN / "cellulus-scale"), *command], capture_output=True, text=True, timeout=120

@@ -29,7 +29,12 @@ import zarr
 
 from cellulus_scale.blockwise.blocks import Block
 from cellulus_scale.blockwise.plan import Plan
-from cellulus_scale.blockwise.store import WORK_DIR, FeatureImage, prepare_labels, prepare_output
+from cellulus_scale.blockwise.store import (
+    FeatureImage,
+    prepare_labels,
+    prepare_output,
+    status_group,
+)
 from cellulus_scale.errors import UserInputError
 from cellulus_scale.io.ome_zarr import OmeImage, mark_status
 
@@ -76,13 +81,13 @@ class RunOptions:
 
 
 def marker_path(plan: Plan, stage: str, frame: int, block: Block) -> Path:
-    return Path(plan.output_path) / WORK_DIR / stage / f"{frame}_{block.name}.npz"
+    return plan.work_path / stage / f"{frame}_{block.name}.npz"
 
 
 def _save_marker(path: Path, **values: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.stem + ".partial.npz")
-    np.savez(temporary, **values)
+    np.savez_compressed(temporary, **values)  # a block's histogram: tens of kB uncompressed
     os.replace(temporary, path)
 
 
@@ -117,6 +122,7 @@ class Session:
     root: zarr.Group
     progress: bool = True
     local: bool = True  # on a cluster started for the run (on this machine)
+    features: Sequence[FeatureImage] = ()  # the feature images prepared in the output
     recomputed: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -207,13 +213,13 @@ class Session:
 
     def record(self, **details: Any) -> None:
         """Record details (e.g. statistics) in the output's status, still incomplete."""
-        mark_status(self.root, "incomplete", **details)
+        mark_status(status_group(self.plan, self.root), "incomplete", **details)
 
     def prepare_labels(self, objects: int, written_by: Stage) -> None:
         """Create the label array for ``objects`` objects unless a resumed run has it in the
         right dtype; a new array voids the blocks ``written_by`` recorded before."""
         if prepare_labels(self.plan, self.image, self.root, objects):
-            for stale in (Path(self.plan.output_path) / WORK_DIR / written_by.name).glob("*.npz"):
+            for stale in (self.plan.work_path / written_by.name).glob("*.npz"):
                 stale.unlink()
 
     @contextlib.contextmanager
@@ -265,7 +271,7 @@ def run_session(
         plan = replace(plan, torch_threads=threads_per_host(dask))
         root = prepare_output(plan, image, options.overwrite, options.resume, features)
         local = options.client is None and not options.remote
-        yield Session(dask, plan, image, root, options.progress, local)
+        yield Session(dask, plan, image, root, options.progress, local, tuple(features))
 
 
 @contextlib.contextmanager

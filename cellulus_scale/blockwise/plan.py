@@ -12,6 +12,8 @@ from typing import Any, Protocol
 from cellulus_scale.blockwise.blocks import Block, block_grid
 from cellulus_scale.io.ome_zarr import OmeImage
 
+WORK_DIR = ".cellulus-scale"  # the recorded block results and scratch of an unfinished run
+
 
 class MethodSettings(Protocol):
     """What the plan needs of a method's settings: frozen and picklable, and able to say how the
@@ -37,10 +39,22 @@ class Plan:
     method: str
     settings: MethodSettings
     torch_threads: dict[str, int] = field(default_factory=dict)
+    #: write labels/cellulus into the input's own labels group (output_path is the input)
+    into_input: bool = False
 
     @property
     def spatial_dims(self) -> int:
         return len(self.spatial_shape)
+
+    @property
+    def work_dir(self) -> str:
+        """The run's work folder, relative to the output: in the labels group when writing
+        into the input, so that nothing else of it is written to."""
+        return f"labels/{WORK_DIR}" if self.into_input else WORK_DIR
+
+    @property
+    def work_path(self) -> Path:
+        return Path(self.output_path) / self.work_dir
 
     @property
     def blocks(self) -> list[Block]:
@@ -64,6 +78,8 @@ class Plan:
             "device": self.device,
             "method": self.method,
         }
+        if self.into_input:
+            fields["into_input"] = True
         return self.settings.record(fields)
 
 
@@ -74,6 +90,7 @@ def make_plan(
     device: str,
     method: str,
     settings: MethodSettings,
+    into_input: bool = False,
 ) -> Plan:
     """The plan of a run on ``image`` in blocks of ``block_size`` on every spatial axis."""
     frames, channels, depth, height, width = image.canonical_shape
@@ -89,4 +106,5 @@ def make_plan(
         device=device,
         method=method,
         settings=settings,
+        into_input=into_input,
     )

@@ -13,18 +13,18 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
 
 from cellulus_scale.blockwise.blocks import Block
-from cellulus_scale.blockwise.plan import Plan
+from cellulus_scale.blockwise.plan import WORK_DIR, Plan  # noqa: F401 (WORK_DIR re-exported)
 from cellulus_scale.blockwise.worker import cached
 from cellulus_scale.errors import UserInputError
 from cellulus_scale.io import ome_zarr
 
 LABELS_NAME = "cellulus"  # the output's labels: labels/cellulus
-WORK_DIR = ".cellulus-scale"  # the recorded block results of an unfinished run
 #: Up to this many objects, the labels' ``image-label`` metadata lists a colour per ID (a few
 #: tens of kB of JSON); above it, viewers choose their own colours.
 LABEL_COLOURS_MAX = 1000
@@ -32,13 +32,17 @@ LABEL_COLOURS_MAX = 1000
 
 @dataclass(frozen=True)
 class FeatureImage:
-    """A float32 image (t, c, *spatial) that a method writes besides the labels, chunked like
-    the blocks: at the end of the run kept as an NGFF image (one level) if ``keep``, else
-    removed."""
+    """An image (t, c, *spatial) that a method writes besides the labels, chunked like the
+    blocks: at the end of the run kept as an NGFF image (one level) if ``keep``, else removed
+    before the pyramids are made. ``name`` is its path in the output (under :data:`WORK_DIR`
+    for a method's scratch); ``filters`` are numcodecs configurations applied before
+    compression."""
 
     name: str
     channels: int
     keep: bool = False
+    dtype: str = "float32"
+    filters: tuple[dict[str, Any], ...] = ()
 
 
 # --- the input -------------------------------------------------------------------------------
@@ -122,7 +126,10 @@ def squeeze_like(plan: Plan, values: np.ndarray, axes: str | None = None) -> np.
 
 
 def write_image_core(plan: Plan, frame: int, block: Block, values: np.ndarray) -> None:
-    """Write the block's core (C, *core) of the image into the output's copy of the image."""
+    """Write the block's core (C, *core) of the image into the output's copy of the image
+    (none when writing into the input)."""
+    if plan.into_input:
+        return
     copy = output_array(plan, "0")
     copy[output_index(plan, frame, block.core, slice(None))] = squeeze_like(
         plan, values.astype(copy.dtype)
@@ -165,6 +172,12 @@ def read_feature(plan: Plan, name: str, frame: int, region: Sequence[slice]) -> 
 # --- preparing and finishing the output --------------------------------------------------------
 
 
+def status_group(plan: Plan, root: zarr.Group) -> zarr.Group:
+    """Where the run's status is recorded: the output's root, or, writing into the input, the
+    run's work folder in the input's labels group."""
+    return root[plan.work_dir] if plan.into_input else root
+
+
 def prepare_output(
     plan: Plan,
     image: ome_zarr.OmeImage,
@@ -173,10 +186,12 @@ def prepare_output(
     features: Sequence[FeatureImage] = (),
 ) -> zarr.Group:
     """A new output store marked incomplete, with the empty image copy and feature images; or,
-    with ``resume``, the interrupted store of the same plan."""
+    with ``resume``, the interrupted store of the same plan. Writing into the input, the input's
+    root opened for writing its labels group (the status and scratch in its work folder)."""
     out = Path(plan.output_path)
+    status_path = plan.work_path if plan.into_input else out
     if resume:
-        status = ome_zarr.run_status(out) if out.exists() else {}
+        status = ome_zarr.run_status(status_path) if status_path.exists() else {}
         if status.get("status") != "incomplete":
             what = "is complete" if status.get("status") == "complete" else "has no interrupted run"
             raise UserInputError(f"--resume: {out} {what}", "drop --resume (and pass --overwrite)")
@@ -191,21 +206,31 @@ def prepare_output(
                 "rerun with the same input, model and options, or start again with --overwrite",
             )
         return ome_zarr.open_group_for_update(out)
-    ome_zarr.check_output_path(out, overwrite, inputs=[image.path])
-    if out.exists():
-        ome_zarr.remove_store(out)
-    root = ome_zarr.create_group(out)
-    ome_zarr.mark_status(root, "incomplete", command="predict", plan=plan.to_json())
+    if plan.into_input:
+        root = ome_zarr.open_group_for_update(out)
+        ome_zarr.check_labels_writable(out, LABELS_NAME, overwrite)
+        ome_zarr.unlist_labels(root, LABELS_NAME)
+        ome_zarr.remove_store(out / "labels" / LABELS_NAME)
+        ome_zarr.remove_store(plan.work_path)
+        status_root = root.require_group(plan.work_dir)
+    else:
+        ome_zarr.check_output_path(out, overwrite, inputs=[image.path])
+        if out.exists():
+            ome_zarr.remove_store(out)
+        root = status_root = ome_zarr.create_group(out)
+    ome_zarr.mark_status(status_root, "incomplete", command="predict", plan=plan.to_json())
     spatial_chunks = tuple(plan.block_size)
-    chunks = _chunks(plan, image.axes, image.data.shape)
-    ome_zarr.create_level0(root, image.data.shape, chunks, image.data.dtype)
+    if not plan.into_input:
+        chunks = _chunks(plan, image.axes, image.data.shape)
+        ome_zarr.create_level0(root, image.data.shape, chunks, image.data.dtype)
     for feature in features:
-        group = root.create_group(feature.name)
+        group = root.require_group(feature.name)
         ome_zarr.create_level0(
             group,
             (plan.frames, feature.channels, *plan.spatial_shape),
             (1, feature.channels, *spatial_chunks),
-            np.float32,
+            np.dtype(feature.dtype),
+            filters=feature.filters,
         )
     return root
 
@@ -261,11 +286,20 @@ def finish_output(
     """Pyramids and NGFF metadata (the input's units, scale, translation and ``omero`` channels
     carried over; the labels' colours where there are few objects), feature images kept or
     removed, ``finishing()`` (e.g. the tracks' own), then mark the store complete with
-    ``details`` (the last write of a run)."""
+    ``details`` (the last write of a run). The feature images not kept go first, so that they
+    and the pyramids never take disk space together."""
+    for feature in features:
+        if not feature.keep:
+            ome_zarr.remove_store(Path(plan.output_path) / feature.name)
     name = Path(plan.input_path).stem
-    ome_zarr.finish_multiscale(root, image.space, None, name, omero=image.omero)
+    if not plan.into_input:
+        ome_zarr.finish_multiscale(root, image.space, None, name, omero=image.omero)
     objects = int(details.get("objects", 0))  # type: ignore[call-overload]
     colours = ome_zarr.label_colours(objects) if 0 < objects <= LABEL_COLOURS_MAX else None
+    if plan.into_input:  # the run's record goes with the labels, which are listed last
+        record = {**ome_zarr.run_status(plan.work_path), **details}
+        record.pop("status", None)
+        ome_zarr.mark_status(root["labels"][LABELS_NAME], "complete", **record)
     ome_zarr.finish_labels(root, LABELS_NAME, ome_zarr.label_space(image), None, colours)
     if finishing is not None:
         finishing()
@@ -275,7 +309,6 @@ def finish_output(
             ome_zarr.finish_multiscale(
                 root[feature.name], space, None, feature.name, levels=1, method="nearest"
             )
-        else:
-            ome_zarr.remove_store(Path(plan.output_path) / feature.name)
-    ome_zarr.remove_store(Path(plan.output_path) / WORK_DIR)
-    ome_zarr.mark_status(root, "complete", **details)
+    ome_zarr.remove_store(plan.work_path)
+    if not plan.into_input:
+        ome_zarr.mark_status(root, "complete", **details)

@@ -15,6 +15,7 @@ from cellulus_scale.blockwise.blocks import Block
 from cellulus_scale.blockwise.engine import Process, Session, Stage
 from cellulus_scale.blockwise.plan import Plan
 from cellulus_scale.blockwise.store import labels_array, write_labels_core
+from cellulus_scale.kernels.compact import CODE_MAX
 from cellulus_scale.methods.base import MethodResult, Statistics, WrittenObjects
 
 HIST_EDGES = np.concatenate([[0.0], np.logspace(-6, 3, 4096)])
@@ -22,9 +23,12 @@ INTENSITY_BINS = 4096
 
 
 class HistogramTotals:
-    """The block histograms of the first stage, summed as blocks finish (O(bins) memory)."""
+    """The block histograms of the first stage, summed as blocks finish (O(bins) memory). An
+    Otsu threshold of the std falls on a multiple of ``bins_per_code`` bins (the resolution of
+    the std kept between stages, :mod:`cellulus_scale.kernels.compact`)."""
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, bins_per_code: int = 1) -> None:
+        self.bins_per_code = bins_per_code
         bins = INTENSITY_BINS if plan.method == "watershed" else len(HIST_EDGES) - 1
         self.counts = np.zeros(bins, dtype=np.int64)
         self.sums = np.zeros((plan.spatial_dims, bins))
@@ -71,6 +75,7 @@ def compute_statistics(plan: Plan, totals: HistogramTotals) -> Statistics:
         else:
             otsu = threshold_otsu(hist=(counts[lo:hi], centres[lo:hi]))
             last = lo + int(np.searchsorted(centres[lo:hi], otsu, side="left"))
+        last = snapped_edge(last + 1, totals.bins_per_code) - 1
         threshold = float(HIST_EDGES[last + 1])
     foreground = counts[: last + 1].sum()
     if foreground:
@@ -78,6 +83,15 @@ def compute_statistics(plan: Plan, totals: HistogramTotals) -> Statistics:
     else:
         mean_offset = (0.0,) * plan.spatial_dims
     return Statistics(threshold, mean_offset, tuple(signal), float(foreground / counts.sum()))
+
+
+def snapped_edge(edge: int, bins_per_code: int) -> int:
+    """The histogram edge nearest ``edge`` on a multiple of ``bins_per_code`` (at least one such
+    step above 0 where ``edge`` is, at most :data:`CODE_MAX` of them)."""
+    if bins_per_code == 1:
+        return edge
+    steps = int(np.floor(edge / bins_per_code + 0.5))
+    return min(max(steps, 1 if edge > 0 else 0), CODE_MAX) * bins_per_code
 
 
 def number_centres(

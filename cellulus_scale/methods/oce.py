@@ -6,8 +6,9 @@ Stages, each a set of independent block tasks whose results the engine records, 
 
 1. ``oce``: OCE offsets and their std for each block, read with a halo equal to the network's
    context (reflect padding at the frame border), test-time noise a function of the global
-   pixel position; writes the embeddings and a copy of the image, returns a histogram of the
-   std with per-bin offset sums.
+   pixel position; writes them in compact form (:mod:`cellulus_scale.kernels.compact`, a
+   scratch array of the run; as float32 too with ``--save-embeddings``) and a copy of the
+   image, returns a histogram of the std with per-bin offset sums.
 2. statistics, once per video: Otsu threshold of the std and the mean foreground offset.
 3. ``centres``: mean-shift on the centred foreground embeddings of the block grown by one
    diameter; the block keeps the centres that fall in its core (centre ownership).
@@ -33,6 +34,7 @@ from cellulus_scale.blockwise.store import (
     write_feature_core,
     write_image_core,
 )
+from cellulus_scale.kernels import compact
 from cellulus_scale.kernels.clustering import (
     assign_to_centres,
     embeddings_of,
@@ -58,9 +60,15 @@ from cellulus_scale.methods.centres import (
 from cellulus_scale.model.checkpoint import Checkpoint
 from cellulus_scale.model.unet import axis_flat_levels
 
+#: The compact OCEs kept between the stages: a scratch array in the run's work folder.
+COMPACT_NAME = "compact-oces"
+#: Delta coding along x before compression: 0.77 of the offsets' bytes on real nuclei.
+COMPACT_FILTERS = ({"id": "delta", "dtype": "u1"},)
 
-def oce_task(plan: Plan, frame: int, block: Block) -> dict[str, np.ndarray]:
-    """Predict OCEs of one block, write them and the image copy, return its std histogram."""
+
+def oce_task(plan: Plan, frame: int, block: Block, full: bool) -> dict[str, np.ndarray]:
+    """Predict OCEs of one block, write them in compact form (and as float32 if ``full``) and
+    the image copy, return its std histogram."""
     model, checkpoint, device = load_model(plan)
     halos = plan.settings.halos(plan.spatial_dims)
     config = checkpoint.model_config
@@ -91,8 +99,13 @@ def oce_task(plan: Plan, frame: int, block: Block) -> dict[str, np.ndarray]:
     core_raw = raw[
         (slice(None),) + tuple(slice(h, h + s) for h, s in zip(halos, block.shape, strict=True))
     ]
-    embeddings = np.concatenate([offsets, std[None]]).astype(np.float32)
-    write_feature_core(plan, EMBEDDINGS_NAME, frame, block, embeddings)
+    kept = compact.encode(
+        offsets, std, seg.offset_step, HIST_EDGES, seg.std_bins_per_code, seg.threshold
+    )
+    write_feature_core(plan, compact_path(plan), frame, block, kept)
+    if full:
+        embeddings = np.concatenate([offsets, std[None]]).astype(np.float32)
+        write_feature_core(plan, EMBEDDINGS_NAME, frame, block, embeddings)
     write_image_core(plan, frame, block, core_raw)
     bins = np.clip(
         np.searchsorted(HIST_EDGES, std.ravel(), side="right") - 1, 0, len(HIST_EDGES) - 2
@@ -115,13 +128,32 @@ def _grown_embeddings(
     plan: Plan, stats: Statistics, frame: int, block: Block, halo: int
 ) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray]:
     region = block.grown(halo, plan.spatial_shape)
-    values = read_feature(plan, EMBEDDINGS_NAME, frame, region)
+    seg = plan.settings.segmentation
+    offsets, foreground = compact.decode(
+        read_feature(plan, compact_path(plan), frame, region),
+        seg.offset_step,
+        code_limit(plan, stats),
+    )
     origin = [r.start for r in region]
     embeddings = embeddings_of(
-        values[:-1], origin, np.asarray(stats.mean_offset), plan.settings.spacing
+        offsets, origin, np.asarray(stats.mean_offset), plan.settings.spacing
     )
-    foreground = values[-1] < stats.threshold
     return region, embeddings, foreground
+
+
+def compact_path(plan: Plan) -> str:
+    """The compact OCEs' path in the output: in the run's work folder."""
+    return f"{plan.work_dir}/{COMPACT_NAME}"
+
+
+def code_limit(plan: Plan, stats: Statistics) -> int:
+    """The std codes below which a pixel is foreground: those of the bins below the Otsu
+    threshold (on a multiple of ``std_bins_per_code`` bins), or 0 alone for a given one."""
+    seg = plan.settings.segmentation
+    if seg.threshold is not None:
+        return 1
+    edge = int(np.searchsorted(HIST_EDGES, stats.threshold))
+    return edge // seg.std_bins_per_code
 
 
 def centres_task(plan: Plan, frame: int, block: Block, stats: Statistics) -> dict[str, np.ndarray]:
@@ -192,14 +224,18 @@ def label_block(
 
 def run(session: Session, checkpoint: Checkpoint | None) -> MethodResult:
     """OCEs on the GPU workers (if any), then statistics, centres and labels."""
-    totals = HistogramTotals(session.plan)
+    totals = HistogramTotals(session.plan, session.plan.settings.segmentation.std_bins_per_code)
+    full = any(f.name == EMBEDDINGS_NAME for f in session.features)
     with session.timed("network"):
-        session.run(Stage("oce", oce_task, label="OCEs", gpu=True), collect=totals.add)
+        stage = Stage("oce", oce_task, label="OCEs", gpu=True)
+        session.run(stage, shared=(full,), collect=totals.add)
     return centres_and_labels(session, totals, centres_task, label_block)
 
 
 def features(plan: Plan, save_embeddings: bool) -> Sequence[FeatureImage]:
-    return (embeddings_image(plan, keep=save_embeddings),)
+    """The compact OCEs the stages share, and with ``save_embeddings`` the float32 ones, kept."""
+    kept = FeatureImage(compact_path(plan), plan.spatial_dims + 1, False, "uint8", COMPACT_FILTERS)
+    return (kept, embeddings_image(plan, keep=True)) if save_embeddings else (kept,)
 
 
 METHOD = Method("cellulus", run, features, network=True)

@@ -10,6 +10,7 @@ stages; then it finishes the output.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -72,7 +73,7 @@ class PredictResult:
 
 def predict(
     input_path: str | os.PathLike[str],
-    output_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str] | None,
     model_path: str | os.PathLike[str] | None = None,
     diameter: float | None = None,
     method: str = "cellulus",
@@ -108,6 +109,7 @@ def predict(
     max_gap: int = default_of(TrackingConfig, "max_gap"),
     max_distance: float | None = None,
     voxel_size: Sequence[float] | None = None,
+    into_input: bool = False,
 ) -> PredictResult:
     """Segment every frame of an OME-Zarr image blockwise on Dask; write ``out.zarr`` with a
     copy of the image and the instance labels ``labels/cellulus`` (NGFF 0.4). With ``link``,
@@ -129,9 +131,15 @@ def predict(
 
     3D images: the voxel size comes from the NGFF ``scale`` (``voxel_size`` Z,Y,X overrides
     it); the diameter is in in-plane pixels, and embeddings, the mean-shift bandwidth, distances
-    and the minimum size are physical (z scaled by the z step)."""
+    and the minimum size are physical (z scaled by the z step).
+
+
+    With ``into_input`` (and ``output_path`` None) the labels are written into the input's own
+    ``labels`` group (``IN.zarr/labels/cellulus``, NGFF 0.4 inputs), with no copy of the image;
+    nothing else of the input is written to."""
     from cellulus_scale.blockwise.cluster import connection_options
 
+    output_path = output_of(input_path, output_path, into_input, link, save_embeddings)
     connection = connection_options(
         scheduler, scheduler_file, tls_ca_file, tls_cert, tls_key, slurm
     )
@@ -140,9 +148,12 @@ def predict(
     if device == "cuda":
         choose_device(device)  # refuses where no CUDA GPU is available
     linking = link_settings(LABELS_NAME, max_gap, max_distance) if link else None
-    if not resume:
+    work = Path(output_path).resolve() / ("labels" if into_input else "") / WORK_DIR
+    if into_input and not resume:
+        ome_zarr.check_labels_writable(image.path, LABELS_NAME, overwrite)
+    elif not resume:
         ome_zarr.check_output_path(output_path, overwrite, inputs=[image.path])
-    elif Path(output_path).exists():
+    elif Path(output_path).exists() and not into_input:
         recorded = ome_zarr.run_status(output_path).get("link")
         if recorded != (linking.to_json() if linking else None):
             raise UserInputError(
@@ -157,7 +168,7 @@ def predict(
         for choice in PRESETS.values() if preset == AUTO_PRESET else (PRESETS[preset],):
             check_trainable(image, choice, voxel_size)  # refuses before anything starts
         self_training = SelfTraining(
-            Path(output_path).resolve() / WORK_DIR / MODEL_FILE,
+            work / MODEL_FILE,
             preset,
             train_minutes,
             train_epochs,
@@ -210,7 +221,7 @@ def predict(
         network = checkpoint.model_config if checkpoint is not None else None
     settings = method_settings(image, model_path, segmentation, checkpoint, depth, network, spacing)
     size = choose_block_size(block_size, image.spatial_dims, depth, diameter)
-    plan = make_plan(image, output_path, size, device, chosen.name, settings)
+    plan = make_plan(image, output_path, size, device, chosen.name, settings, into_input)
     features = chosen.features(plan, save_embeddings)
     details = {"diameter": diameter, "diameter_estimated": estimated}
     return run_method(
@@ -229,6 +240,36 @@ def small_object_warning(diameter: float) -> str | None:
         f" ({SMALLEST_RESOLVED_DIAMETER:g} px); resample the image {factor}x larger in y and x"
         " first (expect many merged or missed objects otherwise)"
     )
+
+
+def output_of(
+    input_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str] | None,
+    into_input: bool,
+    link: bool,
+    save_embeddings: bool,
+) -> str | os.PathLike[str]:
+    """The output store: ``output_path``, or the input itself with ``into_input``."""
+    if not into_input:
+        if output_path is None:
+            raise UserInputError(
+                "OUTPUT is missing",
+                "name a new output store (predict IMAGE OUTPUT), or pass --into-input to write"
+                " the labels into IMAGE's own labels group",
+            )
+        return output_path
+    if output_path is not None:
+        raise UserInputError(
+            "--into-input writes into IMAGE itself, but an OUTPUT was named too",
+            "drop OUTPUT, or drop --into-input",
+        )
+    for flag, given in (("--link", link), ("--save-embeddings", save_embeddings)):
+        if given:
+            raise UserInputError(
+                f"{flag} writes beside the labels, which --into-input does not allow",
+                f"drop {flag}, or write a new output: predict IMAGE OUTPUT",
+            )
+    return input_path
 
 
 def choose_method(
@@ -428,7 +469,8 @@ def run_method(
             raise
     start = time.perf_counter()
     if self_training is not None:
-        details["model"] = str(keep_model(self_training.model_path, Path(plan.output_path)))
+        kept = Path(plan.output_path) / ("labels/" + LABELS_NAME if plan.into_input else "")
+        details["model"] = str(keep_model(self_training.model_path, kept))
     finishing = None
     if linked is not None:
         details["tracks"] = linked.summary()
@@ -439,16 +481,24 @@ def run_method(
             finish_tracks(session.root, session.plan, linking, linked, label_space)
             session.timings["tracks output"] = time.perf_counter() - begun
 
-    finish_output(
-        session.plan,
-        image,
-        session.root,
-        features,
-        finishing,
-        objects=result.objects,
-        statistics=asdict(result.statistics),
-        **details,
-    )
+    try:
+        finish_output(
+            session.plan,
+            image,
+            session.root,
+            features,
+            finishing,
+            objects=result.objects,
+            statistics=asdict(result.statistics),
+            **details,
+        )
+    except OSError as error:  # e.g. a full disk met by the pyramids: every block is recorded
+        if error.errno is None:
+            raise
+        raise UserInputError(
+            f"{error.strerror} in the output {plan.output_path} (finishing it)",
+            "free space or make it writable, then rerun the same command with --resume",
+        ) from None
     session.timings["writing"] = (
         time.perf_counter() - start - session.timings.get("tracks output", 0.0)
     )
@@ -465,8 +515,10 @@ def run_method(
 
 def stopped_on(session: Session, error: UserInputError) -> None:
     """A problem of the input or the output stopped the run: the output records it, so that the
-    next command says to fix it and finish with --resume (or start again with --overwrite)."""
-    session.record(stopped=error.problem)
+    next command says to fix it and finish with --resume (or start again with --overwrite).
+    Where even that cannot be written (a full disk), the error is reported all the same."""
+    with contextlib.suppress(OSError):
+        session.record(stopped=error.problem)
 
 
 def keep_model(model_path: Path, output: Path) -> Path:
