@@ -171,6 +171,14 @@ SMALLEST_RESOLVED_DIAMETER = TrainConfig.kappa
 #: default (with the cpu preset: its whole schedule for images up to a few megapixels).
 SELF_TRAINING_CPU_MINUTES = 10.0
 
+#: torch's CPU threads for each network task, on every worker. Fixed, not the worker's share of
+#: its host: the sums inside a convolution follow the thread count (outputs differ by ~5e-7
+#: between 1 and 2 threads), and the compact intermediate turns such a difference at a rounding
+#: step into a label change, so a count that followed the cluster's layout would make labels
+#: depend on the number of workers. Parallelism comes from running blocks side by side (the
+#: embedded cluster: one single-threaded worker per core).
+NETWORK_TASK_THREADS = 1
+
 #: ``--preset auto``: the paper's settings where a GPU trains, the cpu preset elsewhere.
 AUTO_PRESET = "auto"
 

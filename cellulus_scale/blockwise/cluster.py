@@ -361,16 +361,6 @@ def gpu_cluster(cpu_workers: int, gpus: int, silence_logs: int) -> SpecCluster:
     return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=silence_logs)
 
 
-def threads_per_host(client: Client) -> dict[str, int]:
-    """Worker threads on each host of the cluster, so a task can size torch's thread pool to
-    (host cores / worker threads on that host)."""
-    totals: dict[str, int] = {}
-    for address, worker in client.scheduler_info(n_workers=-1)["workers"].items():
-        host = address.rsplit(":", 1)[0]
-        totals[host] = totals.get(host, 0) + int(worker.get("nthreads", 1))
-    return totals
-
-
 def network_resources(client: Client, device: str = "auto") -> dict[str, float] | None:
     """``{"GPU": 1}`` when a worker of the cluster advertises a ``GPU`` resource (``dask worker
     ADDRESS --nworkers 4 --nthreads 1 --resources GPU=1``: 4 network tasks at once per GPU),

@@ -20,7 +20,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -265,10 +265,7 @@ def run_session(
     """The session of a run: on ``options.client``, or on a cluster started for it (with a
     worker per GPU where a ``network`` runs on GPUs), with the plan sized to its workers and
     the output store prepared."""
-    from cellulus_scale.blockwise.cluster import threads_per_host
-
     with _client_of(options, plan, network) as dask:
-        plan = replace(plan, torch_threads=threads_per_host(dask))
         root = prepare_output(plan, image, options.overwrite, options.resume, features)
         local = options.client is None and not options.remote
         yield Session(dask, plan, image, root, options.progress, local, tuple(features))

@@ -5,7 +5,7 @@ gets it."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,7 +38,6 @@ class Plan:
     device: str
     method: str
     settings: MethodSettings
-    torch_threads: dict[str, int] = field(default_factory=dict)
     #: write labels/cellulus into the input's own labels group (output_path is the input)
     into_input: bool = False
 

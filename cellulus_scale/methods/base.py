@@ -19,8 +19,8 @@ from cellulus_scale.blockwise.blocks import Block
 from cellulus_scale.blockwise.engine import Session
 from cellulus_scale.blockwise.plan import Plan
 from cellulus_scale.blockwise.store import FeatureImage
-from cellulus_scale.blockwise.worker import cached, host_threads
-from cellulus_scale.config import SegmentationConfig
+from cellulus_scale.blockwise.worker import cached
+from cellulus_scale.config import NETWORK_TASK_THREADS, SegmentationConfig
 from cellulus_scale.kernels.noise import reflect_indices
 from cellulus_scale.model.checkpoint import Checkpoint, load_checkpoint
 from cellulus_scale.model.device import worker_device
@@ -130,15 +130,15 @@ def embeddings_image(plan: Plan, keep: bool) -> FeatureImage:
 
 def load_model(plan: Plan) -> tuple[Any, Checkpoint, Any]:
     """(model, checkpoint, device) of the plan's model, loaded once per worker process (again
-    only if the file changes), torch's threads set to the worker's share of its host."""
+    only if the file changes). torch computes with :data:`NETWORK_TASK_THREADS` threads in
+    every worker: its CPU kernels sum in an order that depends on the thread count, so a count
+    that followed the cluster's layout would make the labels depend on it."""
     import torch
 
     model_path = plan.settings.model_path
 
     def make() -> tuple[Any, Checkpoint, Any]:
-        threads = host_threads(plan)
-        if threads:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // threads))
+        torch.set_num_threads(NETWORK_TASK_THREADS)
         device = worker_device(plan.device)
         checkpoint = load_checkpoint(model_path)
         return checkpoint.build_model(device), checkpoint, device
