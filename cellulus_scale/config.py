@@ -206,7 +206,16 @@ class SupervisedConfig(CropTraining):
     dist_weight: float = 0.2
     reg_weight: float = 1e-4
     ignore_cut_objects: bool = True  # objects touching the crop border do not enter the loss
+    # pseudo-label hygiene: objects outside this range of sizes (multiples of the labels' median
+    # object size) or less solid than this (share of the convex hull) leave the loss; None: all
+    trusted_size: tuple[float, float] | None = None
+    trusted_solidity: float | None = None
 
+
+#: ``refine``'s pseudo-label hygiene (:class:`SupervisedConfig` fields): the teacher's objects
+#: of unusual size or shape (merged neighbours, fragments) leave the loss instead of being
+#: taught. Chosen on real data (README, "Refinement").
+REFINE_HYGIENE: dict[str, Any] = {"trusted_size": (0.25, 4.0), "trusted_solidity": 0.85}
 
 SUPERVISED_DEPTH = 3
 SUPERVISED_PRESETS: dict[str, Preset] = {
