@@ -15,11 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from cellulus_scale.blockwise.plan import LABELS_NAME, WORK_DIR
-from cellulus_scale.config import AUTO_PRESET, REFINE_HYGIENE, SELF_TRAINING_CPU_MINUTES
+from cellulus_scale.config import (
+    AUTO_PRESET,
+    REFINE_HYGIENE,
+    SELF_TRAINING_CPU_MINUTES,
+    SUPERVISED_PRESETS,
+    auto_preset,
+)
 from cellulus_scale.errors import UserInputError
 from cellulus_scale.io import ome_zarr
 from cellulus_scale.model.checkpoint import load_checkpoint
 from cellulus_scale.model.device import choose_device
+from cellulus_scale.model.unet import output_size
 from cellulus_scale.training.loop import TrainResult, training_finished
 from cellulus_scale.workflows.predict import PredictResult, predict
 
@@ -39,10 +46,10 @@ class RefineResult:
 def check_refinable(output: Path) -> float:
     """Refuse a store that is not a finished ``predict`` output with ``labels/cellulus``;
     return the object diameter that run used."""
-    status = ome_zarr.run_status(output)
     fix = "run 'cellulus-scale predict IMAGE OUT.zarr' first, then refine OUT.zarr"
     if not output.exists():
         raise UserInputError(f"{output} does not exist", fix)
+    status = ome_zarr.run_status(output)
     if status.get("status") == "incomplete":
         raise UserInputError(
             f"{output} is incomplete: its predict run did not finish",
@@ -53,6 +60,20 @@ def check_refinable(output: Path) -> float:
     if not (output / "labels" / LABELS_NAME).exists():
         raise UserInputError(f"{output} has no labels/{LABELS_NAME} to learn from", fix)
     return float(status["diameter"])
+
+
+def fitting_crop(output: Path, preset: str, device: str) -> dict[str, int]:
+    """``{"crop_size": side}`` where the preset's crops are larger than the image (the largest
+    crop the network takes that fits), else nothing: a small video refines as a large one."""
+    image = ome_zarr.open_image(output)
+    name = auto_preset(choose_device(device).type) if preset == AUTO_PRESET else preset
+    chosen = SUPERVISED_PRESETS[name]
+    side = min(image.canonical_shape[-image.spatial_dims :])
+    if chosen.train.crop_size <= side:
+        return {}
+    depth = chosen.model.depth
+    fits = next((s for s in range(side, 0, -1) if output_size(s, depth) is not None), None)
+    return {"crop_size": fits} if fits is not None else {}
 
 
 def refine(
@@ -88,6 +109,7 @@ def refine(
     if train_minutes is None and choose_device(device).type == "cpu":
         train_minutes = SELF_TRAINING_CPU_MINUTES
     continuing = resume and model.exists()
+    overrides = {} if continuing else {**REFINE_HYGIENE, **fitting_crop(output, preset, device)}
     training = None
     if not (continuing and training_finished(load_checkpoint(model, kind="stardist"))):
         training = train_supervised(
@@ -102,7 +124,7 @@ def refine(
             resume=continuing,
             overwrite=not continuing,
             progress=progress,
-            **({} if continuing else dict(REFINE_HYGIENE)),
+            **overrides,
         )
     prediction = predict(
         output,
