@@ -22,6 +22,7 @@ _PUBLIC = {
     "train_supervised": "cellulus_scale.training.stardist",
     "predict": "cellulus_scale.workflows.predict",
     "link": "cellulus_scale.workflows.link",
+    "refine": "cellulus_scale.workflows.refine",
     "evaluate": "cellulus_scale.evaluation.evaluate",
     "evaluate_tracks": "cellulus_scale.evaluation.tracks",
     "export_ctc": "cellulus_scale.tracking.export",
@@ -41,6 +42,7 @@ __all__ = [
     "export",
     "predict",
     "preview_frame",
+    "refine",
     "run_demo",
     "slurm_job_scripts",
     "train",
@@ -62,6 +64,7 @@ if TYPE_CHECKING:
     from cellulus_scale.workflows.export import export
     from cellulus_scale.workflows.link import link
     from cellulus_scale.workflows.predict import predict
+    from cellulus_scale.workflows.refine import refine
 
 
 def __getattr__(name: str) -> Any:

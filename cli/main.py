@@ -12,7 +12,13 @@ from typing import Any
 import click
 
 from cellulus_scale import __version__
-from cellulus_scale.config import PRECISIONS, SegmentationConfig, TrackingConfig, default_of
+from cellulus_scale.config import (
+    PRECISIONS,
+    SELF_TRAINING_CPU_MINUTES,
+    SegmentationConfig,
+    TrackingConfig,
+    default_of,
+)
 from cellulus_scale.errors import UserInputError
 
 
@@ -581,6 +587,68 @@ def link(store: Path, **options: Any) -> None:
         f" in {result.seconds:.1f} s"
     )
     _report_tracks(result.store, result.summary)
+
+
+@main.command(
+    epilog="\b\nExamples:\n  cellulus-scale refine segmented.zarr\n"
+    "  cellulus-scale refine segmented.zarr --train-minutes 30 --workers 2"
+)
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option(
+    "--preset",
+    type=click.Choice(["auto", "paper", "cpu"]),
+    default="auto",
+    show_default=True,
+    help="The supervised model's settings: paper (Appendix B) where a GPU trains, cpu elsewhere.",
+)
+@click.option(
+    "--train-minutes",
+    type=float,
+    default=None,
+    help=f"Training budget (default: {SELF_TRAINING_CPU_MINUTES:g} on a CPU, the whole schedule"
+    " on a GPU).",
+)
+@click.option("--epochs", type=int, default=None, help="Override the preset's epoch count.")
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--scheduler", default=None, help="Address of a Dask scheduler (tcp:// or tls://).")
+@click.option("--workers", type=int, default=None, help="Local workers (default: one per core).")
+@click.option(
+    "--prob-threshold",
+    type=float,
+    default=default_of(SegmentationConfig, "prob_threshold"),
+    show_default=True,
+    help="Object probability of a candidate.",
+)
+@click.option(
+    "--nms-threshold",
+    type=float,
+    default=default_of(SegmentationConfig, "nms_threshold"),
+    show_default=True,
+    help="Overlap above which a candidate is suppressed.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace existing labels/refined.")
+@click.option("--resume", is_flag=True, help="Finish an interrupted refinement.")
+@user_errors
+def refine(output: Path, **options: Any) -> None:
+    """Supervised refinement (Appendix B) of a finished 'predict' OUTPUT: train a StarDist model
+    on its own labels/cellulus (objects of unusual size or shape left out of the loss), then
+    segment its image again into labels/refined beside them; the model is kept as
+    OUTPUT/refined.pt.
+    """
+    from cellulus_scale import refine as run_refine
+
+    result = run_refine(output, **options)
+    if result.training is not None:
+        _report_training(result.training)
+    else:
+        click.echo(f"reused the finished model {result.model}")
+    click.echo(
+        f"wrote {result.prediction.output}/labels/refined: {result.prediction.objects} objects"
+        f" ({sum(result.prediction.seconds.values()):.1f} s)"
+    )
 
 
 @main.command(

@@ -4,7 +4,9 @@ Real rows (``--real STORE``, an OME-Zarr image with ``labels/ground_truth``, e.g
 of ``../shared/data/bbbc039-dev.zarr``): Cellulus with the default commands (``train``, then
 ``predict --diameter D``), Cellulus with other settings (``--variant``, e.g. more test-time
 passes), and the watershed baseline, all scored on every object (border objects included).
-``--epochs-list`` adds accuracy against training length. Simulated rows (``--simulated``): the
+``--epochs-list`` adds accuracy against training length; ``--refine`` adds, under each
+Cellulus row, the supervised refinement of that run (``refine``: a StarDist model trained on
+its labels, scored as ``labels/refined``). Simulated rows (``--simulated``): the
 paper's two SIMULATED-like videos and the failure cases of real fields (sparse, textured
 background, debris, dim nuclei), each trained on itself.
 
@@ -15,6 +17,7 @@ prediction seconds.
 Examples:
     python examples/benchmark_accuracy.py --real ../shared/data/bbbc039-dev.zarr --diameter 28
     python examples/benchmark_accuracy.py --simulated --frames 4 --shape 384,384
+    python examples/benchmark_accuracy.py --real ../shared/data/bbbc039-dev.zarr --refine
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from cellulus_scale.simulation.simulate import SimulationSpec
 from cellulus_scale.simulation.store import write_simulation
 from cellulus_scale.training.oce import train
 from cellulus_scale.workflows.predict import predict
+from cellulus_scale.workflows.refine import refine
 
 #: name -> simulator settings; the first two stand in for the paper's SIMULATED videos 01 and 02
 SIMULATED = {
@@ -78,10 +82,10 @@ HEADER = (
 )
 
 
-def pixel_scores(output: Path, truth: Path) -> tuple[float, int]:
+def pixel_scores(output: Path, truth: Path, labels: str = "cellulus") -> tuple[float, int]:
     """Foreground pixel IoU of the labels against the truth's, and the predicted objects lying
     (at least 90%) on true background."""
-    pred = zarr.open_array(str(output / "labels" / "cellulus" / "0"), mode="r")
+    pred = zarr.open_array(str(output / "labels" / labels / "0"), mode="r")
     true = zarr.open_array(str(truth / "labels" / "ground_truth" / "0"), mode="r")
     inter = union = stray = 0
     for t in range(true.shape[0]):
@@ -94,9 +98,17 @@ def pixel_scores(output: Path, truth: Path) -> tuple[float, int]:
     return inter / max(union, 1), stray
 
 
-def score(data: str, method: str, output: Path, truth: Path, trained, predict_s: float) -> Row:
-    overall = evaluate(output, truth).overall
-    iou, stray = pixel_scores(output, truth)
+def score(
+    data: str,
+    method: str,
+    output: Path,
+    truth: Path,
+    trained,
+    predict_s: float,
+    labels: str = "cellulus",
+) -> Row:
+    overall = evaluate(output, truth, pred_labels=labels).overall
+    iou, stray = pixel_scores(output, truth, labels)
     steps, seconds = trained if trained else ("-", "-")
     return Row(
         data,
@@ -117,6 +129,17 @@ def timed_predict(video: Path, output: Path, model: Path | None, diameter: float
     start = time.perf_counter()
     predict(video, output, model, diameter=diameter, progress=False, overwrite=True, **options)
     return time.perf_counter() - start
+
+
+def refined_row(name: str, out: Path, truth: Path, args: argparse.Namespace) -> Row:
+    """``refine`` on the finished run ``out`` (its labels/refined), scored like the others; the
+    training columns are the refinement's."""
+    start = time.perf_counter()
+    result = refine(out, seed=args.seed, train_minutes=args.refine_minutes, progress=False)
+    seconds = time.perf_counter() - start
+    trained_by = (result.training.steps, result.training.seconds)
+    predict_s = seconds - result.training.seconds
+    return score(name, "refined on it", out, truth, trained_by, predict_s, labels="refined")
 
 
 def parse_variant(text: str) -> dict:
@@ -149,6 +172,8 @@ def real_rows(args: argparse.Namespace, folder: Path) -> None:
     out = folder / "default.zarr"
     seconds = timed_predict(video, out, model, args.diameter, seed=args.seed)
     print(score(name, "Cellulus, default", out, video, trained_by, seconds).line(), flush=True)
+    if args.refine:
+        print(refined_row(name, out, video, args).line(), flush=True)
     for variant in args.variant:
         out = folder / "variant.zarr"
         options = parse_variant(variant)
@@ -185,6 +210,8 @@ def simulated_rows(args: argparse.Namespace, folder: Path) -> None:
         out = folder / f"{name}-cellulus.zarr"
         seconds = timed_predict(video, out, model, 24, seed=args.seed)
         print(score(name, "Cellulus", out, video, trained_by, seconds).line(), flush=True)
+        if args.refine:
+            print(refined_row(name, out, video, args).line(), flush=True)
         out = folder / f"{name}-watershed.zarr"
         seconds = timed_predict(video, out, None, 24, method="watershed")
         print(score(name, "watershed", out, video, None, seconds).line(), flush=True)
@@ -208,6 +235,17 @@ def main() -> None:
         type=lambda t: [int(v) for v in t.split(",")],
         default=[],
         help="extra real rows trained for these epochs, e.g. 2,5,20",
+    )
+    parser.add_argument(
+        "--refine",
+        action="store_true",
+        help="add a row for 'refine' on each Cellulus run (labels/refined beside its labels)",
+    )
+    parser.add_argument(
+        "--refine-minutes",
+        type=float,
+        default=None,
+        help="refine's training budget (default: refine's own)",
     )
     parser.add_argument("--simulated", action="store_true", help="the simulated rows")
     parser.add_argument("--frames", type=int, default=4)

@@ -14,6 +14,8 @@ from cellulus_scale.io.ome_zarr import OmeImage
 
 WORK_DIR = ".cellulus-scale"  # the recorded block results and scratch of an unfinished run
 
+LABELS_NAME = "cellulus"  # the output's labels: labels/cellulus
+
 
 class MethodSettings(Protocol):
     """What the plan needs of a method's settings: frozen and picklable, and able to say how the
@@ -38,8 +40,10 @@ class Plan:
     device: str
     method: str
     settings: MethodSettings
-    #: write labels/cellulus into the input's own labels group (output_path is the input)
+    #: write the labels into the input's own labels group (output_path is the input)
     into_input: bool = False
+    #: the labels' name: labels/<labels_name>
+    labels_name: str = LABELS_NAME
 
     @property
     def spatial_dims(self) -> int:
@@ -79,6 +83,8 @@ class Plan:
         }
         if self.into_input:
             fields["into_input"] = True
+        if self.labels_name != LABELS_NAME:
+            fields["labels_name"] = self.labels_name
         return self.settings.record(fields)
 
 
@@ -90,6 +96,7 @@ def make_plan(
     method: str,
     settings: MethodSettings,
     into_input: bool = False,
+    labels_name: str = LABELS_NAME,
 ) -> Plan:
     """The plan of a run on ``image`` in blocks of ``block_size`` on every spatial axis."""
     frames, channels, depth, height, width = image.canonical_shape
@@ -106,4 +113,5 @@ def make_plan(
         method=method,
         settings=settings,
         into_input=into_input,
+        labels_name=labels_name,
     )

@@ -19,12 +19,11 @@ import numpy as np
 import zarr
 
 from cellulus_scale.blockwise.blocks import Block
-from cellulus_scale.blockwise.plan import WORK_DIR, Plan  # noqa: F401 (WORK_DIR re-exported)
+from cellulus_scale.blockwise.plan import LABELS_NAME, WORK_DIR, Plan  # noqa: F401 (re-exported)
 from cellulus_scale.blockwise.worker import cached
 from cellulus_scale.errors import UserInputError
 from cellulus_scale.io import ome_zarr
 
-LABELS_NAME = "cellulus"  # the output's labels: labels/cellulus
 #: Up to this many objects, the labels' ``image-label`` metadata lists a colour per ID (a few
 #: tens of kB of JSON); above it, viewers choose their own colours.
 LABEL_COLOURS_MAX = 1000
@@ -137,7 +136,7 @@ def write_image_core(plan: Plan, frame: int, block: Block, values: np.ndarray) -
 
 
 def labels_array(plan: Plan) -> zarr.Array:
-    return output_array(plan, f"labels/{LABELS_NAME}/0")
+    return output_array(plan, f"labels/{plan.labels_name}/0")
 
 
 def write_labels_core(
@@ -208,9 +207,9 @@ def prepare_output(
         return ome_zarr.open_group_for_update(out)
     if plan.into_input:
         root = ome_zarr.open_group_for_update(out)
-        ome_zarr.check_labels_writable(out, LABELS_NAME, overwrite)
-        ome_zarr.unlist_labels(root, LABELS_NAME)
-        ome_zarr.remove_store(out / "labels" / LABELS_NAME)
+        ome_zarr.check_labels_writable(out, plan.labels_name, overwrite)
+        ome_zarr.unlist_labels(root, plan.labels_name)
+        ome_zarr.remove_store(out / "labels" / plan.labels_name)
         ome_zarr.remove_store(plan.work_path)
         status_root = root.require_group(plan.work_dir)
     else:
@@ -253,12 +252,14 @@ def prepare_labels(plan: Plan, image: ome_zarr.OmeImage, root: zarr.Group, objec
     already has it; True if it was created (the label blocks recorded before are then void)."""
     dtype = ome_zarr.label_dtype(objects)
     axes, label_shape = ome_zarr.label_axes_shape(image)
-    labels_path = Path(plan.output_path) / "labels" / LABELS_NAME / "0"
+    labels_path = Path(plan.output_path) / "labels" / plan.labels_name / "0"
     if labels_path.exists():
         existing = zarr.open_array(str(labels_path), mode="r")
         if existing.dtype == dtype and existing.shape == label_shape:
             return False
-    ome_zarr.create_labels(root, LABELS_NAME, label_shape, _chunks(plan, axes, label_shape), dtype)
+    ome_zarr.create_labels(
+        root, plan.labels_name, label_shape, _chunks(plan, axes, label_shape), dtype
+    )
     return True
 
 
@@ -299,8 +300,8 @@ def finish_output(
     if plan.into_input:  # the run's record goes with the labels, which are listed last
         record = {**ome_zarr.run_status(plan.work_path), **details}
         record.pop("status", None)
-        ome_zarr.mark_status(root["labels"][LABELS_NAME], "complete", **record)
-    ome_zarr.finish_labels(root, LABELS_NAME, ome_zarr.label_space(image), None, colours)
+        ome_zarr.mark_status(root["labels"][plan.labels_name], "complete", **record)
+    ome_zarr.finish_labels(root, plan.labels_name, ome_zarr.label_space(image), None, colours)
     if finishing is not None:
         finishing()
     for feature in features:

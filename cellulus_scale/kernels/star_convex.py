@@ -95,6 +95,36 @@ def object_probability(labels: np.ndarray) -> np.ndarray:
     return np.asarray(edt_prob(_sequential(labels)), dtype=np.float32)
 
 
+def doubtful_objects(
+    labels: np.ndarray,
+    area_range: tuple[float, float] | None,
+    min_solidity: float | None,
+    margin: int = 2,
+) -> np.ndarray:
+    """Mask of the pixels a teacher's labels are not to be trusted on: every object whose size
+    (pixels; voxels in 3D) lies outside ``area_range`` or whose solidity (its share of its
+    convex hull: low for two touching nuclei taken as one) is below ``min_solidity``, grown by
+    ``margin`` pixels. ``None`` leaves out that test."""
+    from scipy import ndimage
+    from skimage.measure import regionprops
+
+    if area_range is None and min_solidity is None:
+        return np.zeros(labels.shape, bool)
+
+    def doubtful(region: Any) -> bool:
+        if area_range is not None and not area_range[0] <= region.area <= area_range[1]:
+            return True
+        if min_solidity is None or region.area < 3**labels.ndim:  # too small for a hull
+            return False
+        return bool(region.solidity < min_solidity)
+
+    bad = [region.label for region in regionprops(labels) if doubtful(region)]
+    mask = np.isin(labels, bad) if bad else np.zeros(labels.shape, bool)
+    if bad and margin:
+        mask = ndimage.binary_dilation(mask, iterations=margin)
+    return mask
+
+
 def touching_border(labels: np.ndarray) -> np.ndarray:
     """Mask of the pixels whose object touches the border of ``labels`` (cut objects)."""
     edge = np.zeros(labels.shape, bool)

@@ -209,13 +209,16 @@ def check_labels_match(image: OmeImage, labels: OmeImage, name: str) -> None:
 
 class LabelledCrops(torch.utils.data.Dataset):
     """Random crops of an image and of its instance labels at the same place, with StarDist
-    targets for the network's output region (the crop less ``margin`` on every side).
+        targets for the network's output region (the crop less ``margin`` on every side).
 
-    Sample ``index`` is a function of (seed, index) alone, as in :class:`RandomCrops`. Both
-    crops are read lazily (only the chunks they touch). The targets are computed on the whole
-    label crop: objects cut by the crop border are cut, and with ``ignore_cut_objects`` their
-    pixels get weight 0. Returns (image (C, *crop), probability (*out), distances (n_rays, *out),
-    weight (*out)).
+        Sample ``index`` is a function of (seed, index) alone, as in :class:`RandomCrops`. Both
+        crops are read lazily (only the chunks they touch). The targets are computed on the whole
+        label crop: objects cut by the crop border are cut, and with ``ignore_cut_objects`` their
+        pixels get weight 0. Objects the teacher is not to be trusted on
+    (:func:`~cellulus_scale.kernels.star_convex.doubtful_objects`: size outside ``trusted_area``
+    pixels, solidity below ``trusted_solidity``) and a ring around them get weight 0 too: left
+    out of the loss rather than taught as background. Returns (image (C, *crop), probability
+    (*out), distances (n_rays, *out), weight (*out)).
     """
 
     def __init__(
@@ -229,6 +232,8 @@ class LabelledCrops(torch.utils.data.Dataset):
         length: int,
         n_rays: int,
         ignore_cut_objects: bool = True,
+        trusted_area: tuple[float, float] | None = None,
+        trusted_solidity: float | None = None,
     ) -> None:
         self.image = image
         self.labels = labels
@@ -239,12 +244,15 @@ class LabelledCrops(torch.utils.data.Dataset):
         self.length = length
         self.n_rays = n_rays
         self.ignore_cut_objects = ignore_cut_objects
+        self.trusted_area = trusted_area
+        self.trusted_solidity = trusted_solidity
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
         from cellulus_scale.kernels.star_convex import (
+            doubtful_objects,
             object_probability,
             star_distances,
             touching_border,
@@ -255,14 +263,37 @@ class LabelledCrops(torch.utils.data.Dataset):
         labels = read_crop(self.labels, frame, corner, self.shape)[0]
         crop, labels = augment_with_labels(self.normalisation.apply(raw), labels, rng)
         inner = tuple(slice(self.margin, s - self.margin) for s in labels.shape)
+        doubtful = doubtful_objects(labels, self.trusted_area, self.trusted_solidity)
+        labels = np.where(doubtful, 0, labels)
         probability = object_probability(labels)[inner]
         distances = star_distances(labels, self.n_rays)[(slice(None), *inner)]
         weight = np.ones(probability.shape, np.float32)
         if self.ignore_cut_objects:
             weight[touching_border(labels)[inner]] = 0.0
+        weight[doubtful[inner]] = 0.0
         return (
             torch.from_numpy(crop),
             torch.from_numpy(np.ascontiguousarray(probability)),
             torch.from_numpy(np.ascontiguousarray(distances)),
             torch.from_numpy(weight),
         )
+
+
+def median_object_size(
+    labels: OmeImage, shape: tuple[int, ...], seed: int, crops: int = 16
+) -> float:
+    """Median size (pixels; voxels in 3D) of the objects inside ``crops`` random crops of the
+    label image (objects cut by a crop's border left out); 0 when there are none."""
+    rng = np.random.default_rng([seed, 7])
+    sizes: list[np.ndarray] = []
+    for _ in range(crops):
+        frame, corner = random_corner(rng, labels, shape)
+        crop = read_crop(labels, frame, corner, shape)[0]
+        ids, counts = np.unique(crop, return_counts=True)
+        edge = np.unique(
+            np.concatenate([np.moveaxis(crop, a, 0)[[0, -1]].ravel() for a in range(crop.ndim)])
+        )
+        keep = (ids != 0) & ~np.isin(ids, edge)
+        sizes.append(counts[keep])
+    every = np.concatenate(sizes)
+    return float(np.median(every)) if every.size else 0.0

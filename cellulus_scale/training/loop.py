@@ -191,8 +191,8 @@ def _resumed_config(
     stored: dict[str, Any], model_path: Path, config_class: type = TrainConfig
 ) -> Any:
     values = dict(stored)
-    for key in ("lr_drops", "normalisation_percentiles"):
-        if key in values:
+    for key in ("lr_drops", "normalisation_percentiles", "trusted_size"):
+        if values.get(key) is not None:
             values[key] = tuple(values[key])
     try:
         return config_class(**values)

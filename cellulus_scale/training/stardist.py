@@ -23,7 +23,12 @@ from cellulus_scale.io.ome_zarr import open_labels
 from cellulus_scale.kernels.star_convex import DEFAULT_RAYS, MIN_RAYS
 from cellulus_scale.model.loss import stardist_loss
 from cellulus_scale.model.unet import check_input_size, context, output_size
-from cellulus_scale.training.crops import LabelledCrops, check_labels_match
+from cellulus_scale.training.crops import (
+    LabelledCrops,
+    check_labels_match,
+    crop_shape,
+    median_object_size,
+)
 from cellulus_scale.training.loop import (
     Recipe,
     TrainingOptions,
@@ -128,6 +133,10 @@ def train_supervised(
     label_image = open_labels(image.path, config.labels)
     check_labels_match(image, label_image, config.labels)
     margin = context(setup.model_config.depth)
+    trusted_area = None
+    if config.trusted_size is not None:
+        typical = median_object_size(label_image, crop_shape(image, config.crop_size), config.seed)
+        trusted_area = (config.trusted_size[0] * typical, config.trusted_size[1] * typical)
 
     def make_dataset(length: int) -> LabelledCrops:
         return LabelledCrops(
@@ -140,6 +149,8 @@ def train_supervised(
             length,
             config.n_rays,
             config.ignore_cut_objects,
+            trusted_area,
+            config.trusted_solidity,
         )
 
     def step_loss(

@@ -110,6 +110,7 @@ def predict(
     max_distance: float | None = None,
     voxel_size: Sequence[float] | None = None,
     into_input: bool = False,
+    labels_name: str = LABELS_NAME,
 ) -> PredictResult:
     """Segment every frame of an OME-Zarr image blockwise on Dask; write ``out.zarr`` with a
     copy of the image and the instance labels ``labels/cellulus`` (NGFF 0.4). With ``link``,
@@ -133,10 +134,10 @@ def predict(
     it); the diameter is in in-plane pixels, and embeddings, the mean-shift bandwidth, distances
     and the minimum size are physical (z scaled by the z step).
 
-
     With ``into_input`` (and ``output_path`` None) the labels are written into the input's own
     ``labels`` group (``IN.zarr/labels/cellulus``, NGFF 0.4 inputs), with no copy of the image;
-    nothing else of the input is written to."""
+    nothing else of the input is written to. ``labels_name`` names the labels
+    (``labels/<labels_name>``; ``refined`` for :func:`~cellulus_scale.workflows.refine.refine`)."""
     from cellulus_scale.blockwise.cluster import connection_options
 
     output_path = output_of(input_path, output_path, into_input, link, save_embeddings)
@@ -147,10 +148,10 @@ def predict(
     ome_zarr.check_complete(image.path)
     if device == "cuda":
         choose_device(device)  # refuses where no CUDA GPU is available
-    linking = link_settings(LABELS_NAME, max_gap, max_distance) if link else None
+    linking = link_settings(labels_name, max_gap, max_distance) if link else None
     work = Path(output_path).resolve() / ("labels" if into_input else "") / WORK_DIR
     if into_input and not resume:
-        ome_zarr.check_labels_writable(image.path, LABELS_NAME, overwrite)
+        ome_zarr.check_labels_writable(image.path, labels_name, overwrite)
     elif not resume:
         ome_zarr.check_output_path(output_path, overwrite, inputs=[image.path])
     elif Path(output_path).exists() and not into_input:
@@ -221,7 +222,9 @@ def predict(
         network = checkpoint.model_config if checkpoint is not None else None
     settings = method_settings(image, model_path, segmentation, checkpoint, depth, network, spacing)
     size = choose_block_size(block_size, image.spatial_dims, depth, diameter)
-    plan = make_plan(image, output_path, size, device, chosen.name, settings, into_input)
+    plan = make_plan(
+        image, output_path, size, device, chosen.name, settings, into_input, labels_name
+    )
     features = chosen.features(plan, save_embeddings)
     details = {"diameter": diameter, "diameter_estimated": estimated}
     return run_method(
@@ -469,7 +472,7 @@ def run_method(
             raise
     start = time.perf_counter()
     if self_training is not None:
-        kept = Path(plan.output_path) / ("labels/" + LABELS_NAME if plan.into_input else "")
+        kept = Path(plan.output_path) / ("labels/" + plan.labels_name if plan.into_input else "")
         details["model"] = str(keep_model(self_training.model_path, kept))
     finishing = None
     if linked is not None:

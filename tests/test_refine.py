@@ -1,0 +1,135 @@
+"""``refine``: supervised refinement of a finished run on its own labels, with pseudo-label
+hygiene, into labels/refined beside labels/cellulus."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from conftest import assert_one_line_error, tree_digest
+
+from cellulus_scale.io import ome_zarr as ome_io
+from cellulus_scale.kernels.normalisation import Normalisation
+from cellulus_scale.kernels.star_convex import doubtful_objects
+from cellulus_scale.model.checkpoint import load_checkpoint
+from cellulus_scale.model.unet import context
+from cellulus_scale.training.crops import LabelledCrops, median_object_size
+from cellulus_scale.workflows.predict import predict
+from cellulus_scale.workflows.refine import refine
+
+
+def test_doubtful_objects_are_those_of_unusual_size_or_shape() -> None:
+    labels = np.zeros((64, 64), np.int32)
+    labels[4:14, 4:14] = 1  # a square: trusted
+    labels[20:30, 20:50] = 2  # a U: two nuclei taken as one (solidity ~0.6)
+    labels[22:28, 30:44] = 0
+    labels[40:42, 40:42] = 3  # a fragment of 4 pixels
+    labels[40:50, 4:14] = 4
+    mask = doubtful_objects(labels, (20.0, 400.0), 0.85, margin=2)
+    assert set(np.unique(labels[mask])) == {0, 2, 3}
+    assert mask[39, 40] and not mask[37, 40]  # the ring of 2 pixels around the fragment
+    assert not doubtful_objects(labels, None, None).any()
+    assert set(np.unique(labels[doubtful_objects(labels, None, 0.85, 0)])) == {2}
+
+
+def test_crops_leave_doubtful_objects_out_of_the_loss(simulated_store: Path) -> None:
+    """A size range no object fits: every object pixel (and its ring) gets weight 0 and is not
+    taught as anything; a range every object fits: the weights of the plain crops."""
+    image = ome_io.open_image(simulated_store)
+    labels = ome_io.open_labels(simulated_store, "ground_truth")
+    margin = context(3)
+    typical = median_object_size(labels, (108, 108), seed=0)
+    assert 100 < typical < 400  # simulated diameter 16: about 200 px
+    plain = LabelledCrops(image, labels, 108, margin, Normalisation(0, 1), 0, 4, 8)
+    none = LabelledCrops(
+        image, labels, 108, margin, Normalisation(0, 1), 0, 4, 8, trusted_area=(1e6, 2e6)
+    )
+    every = LabelledCrops(
+        image, labels, 108, margin, Normalisation(0, 1), 0, 4, 8, trusted_area=(1, 1e6)
+    )
+    for index in range(4):
+        _, probability, _, weight = plain[index]
+        _, _, _, dropped = none[index]
+        _, _, _, kept = every[index]
+        assert torch.equal(weight, kept)
+        assert torch.all(dropped[probability > 0] == 0)
+        assert dropped.sum() < weight.sum()
+
+
+@pytest.fixture(scope="module")
+def predicted(tmp_path_factory: pytest.TempPathFactory, simulated_store: Path) -> Path:
+    """A finished predict output (the watershed stands in for a trained OCE model: refine
+    learns from whatever labels/cellulus holds)."""
+    out = tmp_path_factory.mktemp("refine") / "out.zarr"
+    predict(simulated_store, out, method="watershed", diameter=16, workers=1, progress=False)
+    return out
+
+
+def test_refine_writes_labels_refined_beside_the_run_s_own(
+    run_cli, predicted: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.zarr"
+    shutil.copytree(predicted, out)
+    before = {
+        name: digest
+        for name, digest in tree_digest(out).items()
+        if not name.startswith("labels/") and name != ".zattrs"
+    }
+    teacher = tree_digest(out / "labels" / "cellulus")
+    result = run_cli("refine", out, "--train-minutes", "0.1", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    assert "labels/refined" in result.stdout
+    # the image copy and the teacher's labels are untouched; the model is kept
+    after = tree_digest(out)
+    assert all(after[name] == digest for name, digest in before.items())
+    assert tree_digest(out / "labels" / "cellulus") == teacher
+    checkpoint = load_checkpoint(out / "refined.pt", kind="stardist")
+    assert checkpoint.train_config["trusted_solidity"] is not None
+    # labels/refined: complete, listed beside labels/cellulus, on the image's grid
+    labels_group = json.loads((out / "labels" / ".zattrs").read_text())
+    assert labels_group["labels"] == ["cellulus", "refined"]
+    refined = ome_io.open_labels(out, "refined")
+    assert refined.data.shape == ome_io.open_labels(out, "cellulus").data.shape
+    record = zarr.open_group(str(out / "labels" / "refined"), mode="r").attrs
+    assert record["cellulus_scale"]["status"] == "complete"
+    assert record["cellulus_scale"]["diameter"] == 16
+    assert ome_io.run_status(out)["status"] == "complete"
+    # a second refine refuses to replace them without --overwrite
+    again = run_cli("refine", out, "--train-minutes", "0.1", "--workers", "1")
+    assert_one_line_error(again, "labels/refined", "--overwrite")
+
+
+def test_refine_refuses_what_is_not_a_finished_run(
+    run_cli, simulated_store: Path, tmp_path: Path
+) -> None:
+    for store, words in (
+        (simulated_store, ["not a finished predict output", "predict"]),
+        (tmp_path / "missing.zarr", ["does not exist"]),
+    ):
+        before = tree_digest(simulated_store)
+        assert_one_line_error(run_cli("refine", store), *words)
+        assert tree_digest(simulated_store) == before
+
+
+def test_resume_reuses_the_finished_model(predicted: Path, tmp_path: Path) -> None:
+    """A refinement stopped after its training resumes with that model (no more training) and
+    writes labels/refined; the labels equal those of predicting with the model by hand."""
+    out = tmp_path / "out.zarr"
+    shutil.copytree(predicted, out)
+    first = refine(out, train_minutes=0.05, workers=1, progress=False)
+    assert first.training is not None and first.training.steps > 0
+    expected = ome_io.open_labels(out, "refined").data.compute()
+    shutil.rmtree(out / "labels" / "refined")  # as if stopped before the prediction
+    labels_attrs = out / "labels" / ".zattrs"
+    listed = json.loads(labels_attrs.read_text())
+    listed["labels"] = ["cellulus"]
+    labels_attrs.write_text(json.dumps(listed))
+    stamp = (out / "refined.pt").stat().st_mtime_ns
+    again = refine(out, train_minutes=0.05, workers=1, progress=False, resume=True)
+    assert again.training is None and (out / "refined.pt").stat().st_mtime_ns == stamp
+    assert np.array_equal(ome_io.open_labels(out, "refined").data.compute(), expected)
