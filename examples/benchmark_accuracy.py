@@ -200,7 +200,9 @@ def simulated_rows(args: argparse.Namespace, folder: Path) -> None:
     shape = tuple(int(v) for v in args.shape.split(","))
     print(f"\nsimulated: {args.frames} frames of {args.shape}, diameter 24, preset {args.preset}\n")
     print(HEADER)
-    for name, settings in SIMULATED.items():
+    chosen = args.sets.split(",") if args.sets else list(SIMULATED)
+    for name in chosen:
+        settings = SIMULATED[name]
         spec = SimulationSpec(frames=args.frames, shape=shape, seed=args.seed + 11, **settings)
         video = write_simulation(folder / f"{name}.zarr", spec)
         model = folder / f"{name}.pt"
@@ -248,6 +250,11 @@ def main() -> None:
         help="refine's training budget (default: refine's own)",
     )
     parser.add_argument("--simulated", action="store_true", help="the simulated rows")
+    parser.add_argument(
+        "--sets",
+        default=None,
+        help=f"comma-separated simulated sets (default: all of {', '.join(SIMULATED)})",
+    )
     parser.add_argument("--frames", type=int, default=4)
     parser.add_argument("--shape", default="384,384")
     parser.add_argument("--preset", default="auto")
