@@ -35,8 +35,16 @@ from cellulus_scale.workflows.refine import refine
 HYGIENE = dict(REFINE_HYGIENE)
 #: row name -> (train_supervised settings, predict settings, train on the ground truth)
 STUDENTS = {
-    "cpu preset (8 maps, 10 epochs), every object": ({"epochs": 10}, {}, False),
-    "cpu preset (8 maps, 10 epochs), hygiene": ({"epochs": 10, **HYGIENE}, {}, False),
+    "old cpu preset (8 maps, 10 epochs), every object": (
+        {"epochs": 10, "feature_maps": 8},
+        {},
+        False,
+    ),
+    "old cpu preset (8 maps, 10 epochs), hygiene": (
+        {"epochs": 10, "feature_maps": 8, **HYGIENE},
+        {},
+        False,
+    ),
     "16 maps, 10 epochs, hygiene": ({"epochs": 10, "feature_maps": 16, **HYGIENE}, {}, False),
     "16 maps, budget, every object": ({"epochs": 200, "feature_maps": 16}, {}, False),
     "16 maps, budget, hygiene": ({"epochs": 200, "feature_maps": 16, **HYGIENE}, {}, False),
@@ -45,7 +53,11 @@ STUDENTS = {
         {"prob_threshold": 0.6},
         False,
     ),
-    "32 maps, budget, hygiene": ({"epochs": 200, "feature_maps": 32, **HYGIENE}, {}, False),
+    "32 maps, budget, hygiene (the cpu preset)": (
+        {"epochs": 200, "feature_maps": 32, **HYGIENE},
+        {},
+        False,
+    ),
     "16 maps, budget, ground truth (bound)": ({"epochs": 200, "feature_maps": 16}, {}, True),
 }
 
