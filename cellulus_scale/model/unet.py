@@ -150,9 +150,17 @@ def contexts(config: ModelConfig) -> tuple[int, ...]:
     return tuple(context(config.depth, flat) for flat in axis_flat_levels(config))
 
 
+def largest_valid_size_at_most(size: int, depth: int, flat_levels: int = 0) -> int | None:
+    """The largest input size <= ``size`` that the network can take (None if there is none)."""
+    return next(
+        (s for s in range(size, 0, -1) if output_size(s, depth, flat_levels) is not None), None
+    )
+
+
 def valid_sizes_near(size: int, depth: int, flat_levels: int = 0) -> list[int]:
     """The valid input sizes nearest to ``size``: the largest below and the smallest above."""
-    below = [s for s in range(size, 0, -1) if output_size(s, depth, flat_levels) is not None][:1]
+    largest = largest_valid_size_at_most(size, depth, flat_levels)
+    below = [] if largest is None else [largest]
     above = [
         s
         for s in range(size, size + 64 * 2**depth)

@@ -22,7 +22,7 @@ from cellulus_scale.errors import UserInputError
 from cellulus_scale.io.ome_zarr import open_labels
 from cellulus_scale.kernels.star_convex import DEFAULT_RAYS, MIN_RAYS
 from cellulus_scale.model.loss import stardist_loss
-from cellulus_scale.model.unet import check_input_size, context, output_size
+from cellulus_scale.model.unet import check_input_size, context, largest_valid_size_at_most
 from cellulus_scale.training.crops import (
     LabelledCrops,
     check_labels_match,
@@ -53,7 +53,7 @@ def check_supervised_crop(
     check_input_size(config.crop_size, depth)
     side = min(spatial_shape)
     if config.crop_size > side:
-        largest = next((s for s in range(side, 0, -1) if output_size(s, depth) is not None), None)
+        largest = largest_valid_size_at_most(side, depth)
         shape = "x".join(map(str, spatial_shape))
         if largest is None:
             raise UserInputError(

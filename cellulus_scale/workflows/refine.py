@@ -26,7 +26,7 @@ from cellulus_scale.errors import UserInputError
 from cellulus_scale.io import ome_zarr
 from cellulus_scale.model.checkpoint import load_checkpoint
 from cellulus_scale.model.device import choose_device
-from cellulus_scale.model.unet import output_size
+from cellulus_scale.model.unet import largest_valid_size_at_most
 from cellulus_scale.training.loop import TrainResult, training_finished
 from cellulus_scale.workflows.predict import PredictResult, predict
 
@@ -62,17 +62,15 @@ def check_refinable(output: Path) -> float:
     return float(status["diameter"])
 
 
-def fitting_crop(output: Path, preset: str, device: str) -> dict[str, int]:
+def fitting_crop(output: Path, preset: str, device_type: str) -> dict[str, int]:
     """``{"crop_size": side}`` where the preset's crops are larger than the image (the largest
     crop the network takes that fits), else nothing: a small video refines as a large one."""
     image = ome_zarr.open_image(output)
-    name = auto_preset(choose_device(device).type) if preset == AUTO_PRESET else preset
-    chosen = SUPERVISED_PRESETS[name]
+    chosen = SUPERVISED_PRESETS[auto_preset(device_type) if preset == AUTO_PRESET else preset]
     side = min(image.canonical_shape[-image.spatial_dims :])
     if chosen.train.crop_size <= side:
         return {}
-    depth = chosen.model.depth
-    fits = next((s for s in range(side, 0, -1) if output_size(s, depth) is not None), None)
+    fits = largest_valid_size_at_most(side, chosen.model.depth)
     return {"crop_size": fits} if fits is not None else {}
 
 
@@ -106,10 +104,13 @@ def refine(
     work = output / "labels" / WORK_DIR
     if not resume:
         ome_zarr.check_labels_writable(output, REFINED_LABELS, overwrite)
-    if train_minutes is None and choose_device(device).type == "cpu":
+    device_type = choose_device(device).type
+    if train_minutes is None and device_type == "cpu":
         train_minutes = SELF_TRAINING_CPU_MINUTES
     continuing = resume and model.exists()
-    overrides = {} if continuing else {**REFINE_HYGIENE, **fitting_crop(output, preset, device)}
+    overrides = (
+        {} if continuing else {**REFINE_HYGIENE, **fitting_crop(output, preset, device_type)}
+    )
     training = None
     if not (continuing and training_finished(load_checkpoint(model, kind="stardist"))):
         training = train_supervised(
