@@ -182,6 +182,11 @@ NETWORK_TASK_THREADS = 1
 #: ``--preset auto``: the paper's settings where a GPU trains, the cpu preset elsewhere.
 AUTO_PRESET = "auto"
 
+#: The NGFF version of a new output (``predict --ngff``): 0.4 (zarr v2), which every OME-Zarr
+#: viewer reads, until viewers read 0.5 (zarr v3, sharded) as widely (README, "Data layout").
+NGFF_VERSION = "0.4"
+NGFF_VERSIONS = ("0.4", "0.5")
+
 
 def auto_preset(device_type: str) -> str:
     """The preset ``auto`` stands for on a device of ``device_type`` ('cuda' or 'cpu')."""

@@ -13,6 +13,8 @@ import click
 
 from cellulus_scale import __version__
 from cellulus_scale.config import (
+    NGFF_VERSION,
+    NGFF_VERSIONS,
     PRECISIONS,
     SELF_TRAINING_CPU_MINUTES,
     SegmentationConfig,
@@ -248,6 +250,14 @@ def main() -> None:
     "--dim-fraction", default=0.0, show_default=True, help="Share of dim nuclei (e.g. 0.3)."
 )
 @click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--ngff",
+    "ngff_version",
+    type=click.Choice(list(NGFF_VERSIONS)),
+    default=NGFF_VERSION,
+    show_default=True,
+    help="The store's NGFF version (0.5: zarr v3).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @user_errors
 def simulate(
@@ -263,6 +273,7 @@ def simulate(
     debris: float,
     dim_fraction: float,
     seed: int,
+    ngff_version: str,
     overwrite: bool,
 ) -> None:
     """Simulate a nuclei time-lapse with ground-truth labels (NGFF labels 'ground_truth')."""
@@ -282,7 +293,7 @@ def simulate(
         dim_fraction=dim_fraction,
         z_scale=1.0 if z_scale is None else z_scale,
     )
-    path = write_simulation(output, spec, overwrite=overwrite)
+    path = write_simulation(output, spec, overwrite=overwrite, ngff_version=ngff_version)
     click.echo(f"wrote {path} ({frames} frames of {'x'.join(map(str, spec.shape))})")
 
 
@@ -522,8 +533,16 @@ def train_supervised(image: Path, model: Path, **options: Any) -> None:
 @click.option(
     "--into-input",
     is_flag=True,
-    help="Write the labels into IMAGE's own labels group (IMAGE/labels/cellulus; NGFF 0.4) and"
+    help="Write the labels into IMAGE's own labels group (IMAGE/labels/cellulus) and"
     " copy nothing; no OUTPUT then. Nothing else of IMAGE is written to.",
+)
+@click.option(
+    "--ngff",
+    "ngff_version",
+    type=click.Choice(list(NGFF_VERSIONS)),
+    default=None,
+    help=f"OUTPUT's NGFF version: {NGFF_VERSION} (zarr v2, read by every viewer; the default)"
+    " or 0.5 (zarr v3, one shard per block and frame). With --into-input, IMAGE's own.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--resume", is_flag=True, help="Finish an interrupted run into OUTPUT.")

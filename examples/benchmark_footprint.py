@@ -146,17 +146,22 @@ def parts(output: Path) -> dict[str, int]:
     }
 
 
-def files_written(frames: int, side: int, block: int) -> dict[str, int]:
+def files_written(frames: int, side: int, block: int, ngff: str = "0.4") -> dict[str, int]:
     """Files a 2D run writes for a video of ``frames`` frames of ``side`` x ``side`` in blocks
-    of ``block``, from the layout: one chunk file per (frame, block) and pyramid level for the
-    image copy and the labels, one per (frame, block) for the scratch OCEs and per stage for
-    the recorded block results (3 stages; scratch and records are removed at the end)."""
-    from cellulus_scale.io.ome_zarr import pyramid_factors
+    of ``block`` in NGFF ``ngff``, from the layout the package writes
+    (``cellulus_scale.io.ome_zarr.level_chunks``): one file per (frame, block) at level 0 for
+    the image copy and the labels (a zarr v2 chunk, or a zarr v3 shard) and per write unit of
+    each pyramid level, one per (frame, block) for the scratch OCEs and per stage for the
+    recorded block results (3 stages; scratch and records are removed at the end)."""
+    from cellulus_scale.io.ome_zarr import NGFF_ZARR_FORMATS, level_chunks, pyramid_factors
 
+    shape = (frames, side, side)
+    base = (1, block, block)
     per_level = []
-    for factor in pyramid_factors((frames, side, side), "tyx"):
-        size = side // factor[-1]
-        per_level.append(frames * math.ceil(size / block) ** 2)
+    for factor in pyramid_factors(shape, "tyx"):
+        level = tuple(s // f for s, f in zip(shape, factor, strict=True))
+        unit = level_chunks(base, factor, level, NGFF_ZARR_FORMATS[ngff])
+        per_level.append(math.prod(math.ceil(s / u) for s, u in zip(level, unit, strict=True)))
     blocks = frames * math.ceil(side / block) ** 2
     return {
         "image copy, level 0": per_level[0],
@@ -200,6 +205,7 @@ def main() -> None:
     parser.add_argument("--baseline-source", type=Path, default=None)
     parser.add_argument("--interval", type=float, default=0.1, help="seconds between samples")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--ngff", default="0.4", choices=("0.4", "0.5"), help="this version's")
     parser.add_argument(
         "--files-for",
         default="1000,2048,256",
@@ -208,10 +214,13 @@ def main() -> None:
     args = parser.parse_args()
 
     frames, side, block = (int(v) for v in args.files_for.split(","))
-    counted = files_written(frames, side, block)
-    print(f"files written for {frames} frames of {side}x{side} in blocks of {block} (NGFF 0.4):")
-    for what, count in counted.items():
-        print(f"  {what}: {count:,}")
+    for ngff in ("0.4", "0.5"):
+        counted = files_written(frames, side, block, ngff)
+        print(
+            f"files written for {frames} frames of {side}x{side} in blocks of {block}, NGFF {ngff}:"
+        )
+        for what, count in counted.items():
+            print(f"  {what}: {count:,}")
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="footprint-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -222,7 +231,7 @@ def main() -> None:
         f"input: {args.frames} frames of {args.input} {shape}, stored in {input_bytes / 1e6:.2f}"
         f" MB ({input_bytes / np.prod(shape):.2f} bytes per pixel)"
     )
-    runs = [("this version", None)]
+    runs = [(f"this version (NGFF {args.ngff})", None)]
     if args.baseline_source is not None:
         runs.append((f"baseline ({args.baseline_source})", str(args.baseline_source)))
     outputs, peaks = {}, {}
@@ -245,6 +254,8 @@ def main() -> None:
             "progress": False,
             "overwrite": True,
         }
+        if package is None and args.ngff != "0.4":
+            options["ngff_version"] = args.ngff
         found = measure(package, options, output, args.interval)
         outputs[name] = output
         peaks[name] = found["at peak"]
@@ -259,7 +270,8 @@ def main() -> None:
         print(f"{name}, at the peak: {shares}")
     for name, output in outputs.items():
         shares = ", ".join(f"{k} {v / input_bytes:.2f}x" for k, v in parts(output).items())
-        print(f"{name}, finished output: {shares}")
+        files = sum(len(names) for _, _, names in os.walk(output))
+        print(f"{name}, finished output: {shares}; {files} files")
     if len(outputs) == 2:
         first, second = outputs.values()
         print(f"labels, this version against the baseline: {labels_agreement(second, first)}")

@@ -31,6 +31,7 @@ from cellulus_scale.io import ome_zarr as ome_io
 PROBE = Path(__file__).with_name("napari_probe.py")
 REQUIRED = os.environ.get("CELLULUS_SCALE_VIEWER") == "required"
 OLD_LAYOUT = "tcyx, labels with c"  # the layout before: labels/cellulus kept a c of length 1
+NGFF05 = "tcyx, NGFF 0.5"  # predict --ngff 0.5 (zarr v3, sharded)
 
 
 def _unavailable(reason: str) -> None:
@@ -83,12 +84,18 @@ def _old_layout(source: Path, target: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reports(display, predicted_layout, tmp_path_factory):
+def reports(display, predicted_layout, layout_store, run_cli, tmp_path_factory):
     """The probe's report on each layout's output (one viewer per store, one process), and the
     screenshot of the ``tcyx`` one at frame 1."""
     folder = tmp_path_factory.mktemp("napari")
     stores = {axes: predicted_layout(axes) for axes in ("tcyx", "tyx", "tzyx", "czyx")}
     stores[OLD_LAYOUT] = _old_layout(stores["tcyx"], folder / "old.zarr")
+    stores[NGFF05] = folder / "ngff05.zarr"
+    done = run_cli(
+        "predict", layout_store("tcyx"), stores[NGFF05], "--method", "watershed",
+        "--diameter", "16", "--workers", "1", "--ngff", "0.5",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
     output = folder / "report.json"
     shot = folder / "napari.png"
     env = {**os.environ, "DISPLAY": display, "QT_QPA_PLATFORM": "xcb"}
@@ -169,6 +176,21 @@ def test_sliders_move_image_and_labels_together(reports, axes):
     assert any(values - {0.0} for values in frames)
     if "t" in axes:
         assert len({frozenset(v) for v in frames}) > 1
+
+
+def test_an_ngff05_output_shows_as_its_ngff04_twin(reports):
+    """The same prediction written as NGFF 0.5 (zarr v3, sharded) opens with the same layers,
+    axes, units and scale, and shows the same values at every step of every slider."""
+    (_, report04), (store05, report05) = reports[0]["tcyx"], reports[0][NGFF05]
+    assert zarr.open_group(str(store05), mode="r").metadata.zarr_format == 3
+    described = ("kind", "ndim", "shape", "levels", "axis_labels", "units", "world_pixel")
+    assert [{k: layer[k] for k in described} for layer in report05["layers"]] == [
+        {k: layer[k] for k in described} for layer in report04["layers"]
+    ]
+    assert report05["slices"] and len(report05["slices"]) == len(report04["slices"])
+    for old, new in zip(report04["slices"], report05["slices"], strict=True):
+        values = [[s["value"] for s in samples] for samples in old["layers"].values()]
+        assert [[s["value"] for s in samples] for samples in new["layers"].values()] == values
 
 
 def test_labels_with_a_channel_axis_did_not_follow_the_time_slider(reports):

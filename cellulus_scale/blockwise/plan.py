@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cellulus_scale.blockwise.blocks import Block, block_grid
+from cellulus_scale.config import NGFF_VERSION
 from cellulus_scale.io.ome_zarr import OmeImage
 
 WORK_DIR = ".cellulus-scale"  # the recorded block results and scratch of an unfinished run
@@ -44,6 +45,8 @@ class Plan:
     into_input: bool = False
     #: the labels' name: labels/<labels_name>
     labels_name: str = LABELS_NAME
+    #: the output's NGFF version (writing into the input: the input's)
+    ngff_version: str = NGFF_VERSION
 
     @property
     def spatial_dims(self) -> int:
@@ -85,6 +88,8 @@ class Plan:
             fields["into_input"] = True
         if self.labels_name != LABELS_NAME:
             fields["labels_name"] = self.labels_name
+        if self.ngff_version != NGFF_VERSION:
+            fields["ngff_version"] = self.ngff_version
         return self.settings.record(fields)
 
 
@@ -97,6 +102,7 @@ def make_plan(
     settings: MethodSettings,
     into_input: bool = False,
     labels_name: str = LABELS_NAME,
+    ngff_version: str = NGFF_VERSION,
 ) -> Plan:
     """The plan of a run on ``image`` in blocks of ``block_size`` on every spatial axis."""
     frames, channels, depth, height, width = image.canonical_shape
@@ -114,4 +120,5 @@ def make_plan(
         settings=settings,
         into_input=into_input,
         labels_name=labels_name,
+        ngff_version=ngff_version,
     )

@@ -216,12 +216,15 @@ def prepare_output(
         ome_zarr.check_output_path(out, overwrite, inputs=[image.path])
         if out.exists():
             ome_zarr.remove_store(out)
-        root = status_root = ome_zarr.create_group(out)
+        root = status_root = ome_zarr.create_group(out, plan.ngff_version)
     ome_zarr.mark_status(status_root, "incomplete", command="predict", plan=plan.to_json())
     spatial_chunks = tuple(plan.block_size)
     if not plan.into_input:
         chunks = _chunks(plan, image.axes, image.data.shape)
-        ome_zarr.create_level0(root, image.data.shape, chunks, image.data.dtype)
+        ome_zarr.create_level0(
+            root, image.data.shape, chunks, image.data.dtype, dimension_names=image.axes
+        )
+    feature_axes = "tc" + ome_zarr.SPATIAL_AXES[-plan.spatial_dims :]
     for feature in features:
         group = root.require_group(feature.name)
         ome_zarr.create_level0(
@@ -230,6 +233,7 @@ def prepare_output(
             (1, feature.channels, *spatial_chunks),
             np.dtype(feature.dtype),
             filters=feature.filters,
+            dimension_names=feature_axes,
         )
     return root
 
@@ -258,7 +262,7 @@ def prepare_labels(plan: Plan, image: ome_zarr.OmeImage, root: zarr.Group, objec
         if existing.dtype == dtype and existing.shape == label_shape:
             return False
     ome_zarr.create_labels(
-        root, plan.labels_name, label_shape, _chunks(plan, axes, label_shape), dtype
+        root, plan.labels_name, label_shape, _chunks(plan, axes, label_shape), dtype, axes
     )
     return True
 

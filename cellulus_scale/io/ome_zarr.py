@@ -1,11 +1,14 @@
-"""OME-Zarr input and output: lazy reading of NGFF 0.4/0.5 images, blockwise NGFF 0.4 writing.
+"""OME-Zarr input and output: lazy reading of NGFF 0.4/0.5 images, blockwise writing of both.
 
 Images are read as Dask arrays of their full-resolution level, with the metadata a copy must
 carry: axis units, scale and translation, and the ``omero`` channel names and colours.
-Everything cellulus-scale writes is NGFF 0.4 (zarr v2), which ome-zarr-models validates
-completely (see README, "Data layout"). Image pyramids are anti-aliased with ome-zarr-py's own
-downsampling (``skimage.transform.resize``, chunk by chunk); label pyramids take every second
-pixel (nearest), so they hold no new label values.
+cellulus-scale writes NGFF 0.4 (zarr v2) by default and NGFF 0.5 (zarr v3, every array
+sharded: one shard per block and frame, so that one task writes whole files, made of inner
+chunks of at most :data:`INNER_CHUNK` pixels per axis for viewers) on request; the version of a
+group decides how its arrays and metadata are written (see README, "Data layout"). Image
+pyramids are anti-aliased with ome-zarr-py's own downsampling (``skimage.transform.resize``,
+chunk by chunk); label pyramids take every second pixel (nearest), so they hold no new label
+values.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +29,10 @@ import dask.array as da
 import numpy as np
 import zarr
 from ome_zarr.axes import KNOWN_SPATIAL_UNITS, KNOWN_TEMPORAL_UNITS
-from ome_zarr.format import FormatV04
+from ome_zarr.format import Format, FormatV04, FormatV05
 from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
 
+from cellulus_scale.config import NGFF_VERSION, NGFF_VERSIONS
 from cellulus_scale.errors import UserInputError
 
 CANONICAL_AXES = "tczyx"
@@ -43,6 +48,15 @@ PYRAMID_METHODS = ("resize", "nearest")
 #: zarr's default, and levels 3 and 5 gain nothing on the image for 3x and 5x the time
 #: (README, "Data layout"); every zarr reader has Blosc.
 COMPRESSOR = {"id": "blosc", "cname": "zstd", "clevel": 1, "shuffle": 1, "blocksize": 0}
+# The compact OCEs' delta filter in zarr v3 is a numcodecs codec, which zarr warns about each
+# time such an array is opened; it is scratch, read back only by this package.
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
+#: The zarr format of each NGFF version written.
+NGFF_ZARR_FORMATS = {"0.4": 2, "0.5": 3}
+#: NGFF 0.5 arrays are sharded, one shard per write unit (a block and frame); its inner chunks,
+#: what a viewer reads at once, are at most this many pixels per axis (the largest divisor of
+#: the shard's side up to it, where that is at least half of it; else the whole side).
+INNER_CHUNK = 128
 
 
 @dataclass(frozen=True)
@@ -320,7 +334,7 @@ def open_image(path: str | os.PathLike[str], axes: str | None = None) -> OmeImag
     channels = array.shape[meta_axes.index("c")] if "c" in meta_axes else 1
     return OmeImage(
         path,
-        da.from_zarr(array),
+        da.from_zarr(array, chunks=write_chunks(array)),
         meta_axes,
         scale,
         version,
@@ -441,13 +455,85 @@ def pyramid_factors(
     return factors
 
 
-def create_group(path: Path) -> zarr.Group:
-    """Create a new NGFF 0.4 (zarr v2) group."""
-    return zarr.open_group(str(path), mode="w", zarr_format=2)
+def create_group(path: Path, ngff_version: str = NGFF_VERSION) -> zarr.Group:
+    """Create a new group for an NGFF ``ngff_version`` image (0.4: zarr v2, 0.5: zarr v3)."""
+    return zarr.open_group(str(path), mode="w", zarr_format=NGFF_ZARR_FORMATS[ngff_version])
 
 
 def open_group_for_update(path: Path) -> zarr.Group:
-    return zarr.open_group(str(path), mode="r+", zarr_format=2)
+    """Open an existing group (either zarr format) to write into it."""
+    return zarr.open_group(str(path), mode="r+")
+
+
+def ngff_version_of(group: zarr.Group) -> str:
+    """The NGFF version a group's images are written in: 0.4 for zarr v2, 0.5 for zarr v3."""
+    return "0.5" if group.metadata.zarr_format == 3 else "0.4"
+
+
+def output_ngff_version(image: OmeImage, requested: str | None, into_input: bool) -> str:
+    """The NGFF version a run writes: ``requested`` (default :data:`NGFF_VERSION`) for a new
+    output; the image's own where the labels go into it, which ``requested`` must then match."""
+    if requested is not None and requested not in NGFF_VERSIONS:
+        raise UserInputError(
+            f"NGFF version {requested} cannot be written",
+            f"choose one of {', '.join(NGFF_VERSIONS)}",
+        )
+    if not into_input:
+        return requested or NGFF_VERSION
+    node = _open_zarr(image.path)
+    own = ngff_version_of(node) if isinstance(node, zarr.Group) else NGFF_VERSION
+    if requested is not None and requested != own:
+        raise UserInputError(
+            f"--ngff {requested} with --into-input, but {image.path} is NGFF {own}",
+            "drop --ngff: labels written into an image take its own version",
+        )
+    return own
+
+
+def _ngff_format(group: zarr.Group) -> Format:
+    return FormatV05() if group.metadata.zarr_format == 3 else FormatV04()
+
+
+def ngff_attrs(group: zarr.Group) -> dict[str, Any]:
+    """A group's NGFF attributes (those under ``ome`` in NGFF 0.5), as a new dict."""
+    attrs = group.attrs.asdict()
+    if group.metadata.zarr_format == 3:
+        return json.loads(json.dumps(attrs.get("ome", {})))
+    return json.loads(json.dumps(attrs))
+
+
+def put_ngff_attrs(group: zarr.Group, ngff: dict[str, Any]) -> None:
+    """Replace a group's NGFF attributes (under ``ome``, with its ``version``, in NGFF 0.5)."""
+    if group.metadata.zarr_format == 3:
+        group.attrs["ome"] = {"version": "0.5", **{k: v for k, v in ngff.items() if k != "version"}}
+    else:
+        group.attrs.put({**group.attrs.asdict(), **ngff})
+
+
+def write_chunks(array: zarr.Array) -> tuple[int, ...]:
+    """The unit an array is written in whole files: its shards, or its chunks if unsharded."""
+    return tuple(array.shards or array.chunks)
+
+
+def level_chunks(
+    base: Sequence[int], factor: Sequence[int], shape: Sequence[int], zarr_format: int
+) -> tuple[int, ...]:
+    """The write unit (whole files) of a pyramid level of ``shape``, ``factor`` times smaller
+    than level 0 written in ``base``: ``base`` (zarr v2 chunks); in zarr v3 the base's shard
+    grown by the factor, so that one shard holds what the blocks above it held and the
+    pyramid takes few files. At most the level's shape."""
+    grown = [b * f for b, f in zip(base, factor, strict=True)] if zarr_format == 3 else base
+    return tuple(max(1, min(int(g), s)) for g, s in zip(grown, shape, strict=True))
+
+
+def inner_chunks(shard: Sequence[int]) -> tuple[int, ...]:
+    """The inner chunks of a shard: per axis, the largest divisor of its side up to
+    :data:`INNER_CHUNK` where that is at least half of it, else the whole side."""
+    chunks = []
+    for side in shard:
+        divisor = next(d for d in range(min(side, INNER_CHUNK), 0, -1) if side % d == 0)
+        chunks.append(divisor if side <= INNER_CHUNK or 2 * divisor >= INNER_CHUNK else side)
+    return tuple(chunks)
 
 
 def create_level0(
@@ -458,20 +544,36 @@ def create_level0(
     fill_value: Any = 0,
     filters: Sequence[dict[str, Any]] | None = None,
     name: str = "0",
+    dimension_names: Sequence[str] | None = None,
 ) -> zarr.Array:
-    """Create the full-resolution array "0" (or ``name``) of an image group, chunked for
-    blockwise writes, compressed with :data:`COMPRESSOR` after ``filters`` (numcodecs
-    configurations, e.g. ``{"id": "delta", "dtype": "u1"}``)."""
+    """Create the full-resolution array "0" (or ``name``) of an image group, written in
+    ``chunks`` (whole files: zarr v2 chunks, or zarr v3 shards of :func:`inner_chunks`),
+    compressed with :data:`COMPRESSOR` after ``filters`` (numcodecs configurations, e.g.
+    ``{"id": "delta", "dtype": "u1"}``). ``dimension_names`` (the axes) are kept in zarr v3."""
+    chunks = tuple(int(c) for c in chunks)
+    if group.metadata.zarr_format == 2:
+        return group.create_array(
+            name,
+            shape=tuple(shape),
+            chunks=chunks,
+            dtype=dtype,
+            fill_value=fill_value,
+            overwrite=True,
+            chunk_key_encoding={"name": "v2", "separator": "/"},
+            compressors=_numcodec(COMPRESSOR),
+            filters=[_numcodec(f) for f in filters] if filters else None,
+        )
     return group.create_array(
         name,
         shape=tuple(shape),
-        chunks=tuple(chunks),
+        chunks=inner_chunks(chunks),
+        shards=chunks,
         dtype=dtype,
         fill_value=fill_value,
         overwrite=True,
-        chunk_key_encoding={"name": "v2", "separator": "/"},
-        compressors=_numcodec(COMPRESSOR),
-        filters=[_numcodec(f) for f in filters] if filters else None,
+        compressors=_zarr3_codec(COMPRESSOR),
+        filters=[_zarr3_codec(f) for f in filters] if filters else None,
+        dimension_names=tuple(dimension_names) if dimension_names else None,
     )
 
 
@@ -479,6 +581,21 @@ def _numcodec(config: dict[str, Any]) -> Any:
     import numcodecs
 
     return numcodecs.get_codec(dict(config))
+
+
+def _zarr3_codec(config: dict[str, Any]) -> Any:
+    """A numcodecs configuration as a zarr v3 codec: Blosc as the specification's own codec,
+    others (e.g. delta) through numcodecs' zarr v3 wrappers."""
+    options = {k: v for k, v in config.items() if k != "id"}
+    if config["id"] == "blosc":
+        shuffle = {0: "noshuffle", 1: "shuffle", 2: "bitshuffle"}[options["shuffle"]]
+        return zarr.codecs.BloscCodec(
+            cname=options["cname"], clevel=options["clevel"], shuffle=shuffle
+        )
+    from zarr.codecs.numcodecs import Delta
+
+    wrappers = {"delta": Delta}
+    return wrappers[config["id"]](**options)
 
 
 def _downsample(data: da.Array, axes: str, method: str) -> da.Array:
@@ -542,17 +659,24 @@ def finish_multiscale(
     space = axes if isinstance(axes, Space) else Space.plain(axes, scale)
     base = group["0"]
     factors = pyramid_factors(base.shape, space.axes, levels)
-    previous = da.from_zarr(base)
+    base_chunks = write_chunks(base)
+    previous = da.from_zarr(base, chunks=base_chunks)
     datasets = []
     for level, factor in enumerate(factors):
         if level > 0:
             data = _downsample(previous, space.axes, method)
-            chunks = tuple(max(1, min(c, s)) for c, s in zip(base.chunks, data.shape, strict=True))
+            chunks = level_chunks(base_chunks, factor, data.shape, group.metadata.zarr_format)
             target = create_level0(
-                group, data.shape, chunks, base.dtype, base.fill_value, name=str(level)
+                group,
+                data.shape,
+                chunks,
+                base.dtype,
+                base.fill_value,
+                name=str(level),
+                dimension_names=tuple(space.axes),
             )
             da.store(data.rechunk(chunks), target, lock=False)
-            previous = da.from_zarr(target)
+            previous = da.from_zarr(target, chunks=chunks)
         level_scale = [float(s) * f for s, f in zip(space.scale, factor, strict=True)]
         transforms: list[dict[str, Any]] = [{"type": "scale", "scale": level_scale}]
         translation = _level_translation(space, factor, method)
@@ -560,15 +684,15 @@ def finish_multiscale(
             transforms.append({"type": "translation", "translation": translation})
         datasets.append({"path": str(level), "coordinateTransformations": transforms})
     write_multiscales_metadata(
-        group, datasets, fmt=FormatV04(), axes=space.axes_metadata(), name=name
+        group, datasets, fmt=_ngff_format(group), axes=space.axes_metadata(), name=name
     )
-    attrs = group.attrs.asdict()
+    attrs = ngff_attrs(group)
     kind, details = _pyramid_type(method)
     attrs["multiscales"][0]["type"] = kind
     attrs["multiscales"][0]["metadata"] = details
     if omero is not None and "c" in space.axes:
         attrs["omero"] = complete_omero(omero, previous, space.axes)
-    group.attrs.put(attrs)
+    put_ngff_attrs(group, attrs)
 
 
 #: Colours of channels an ``omero`` entry leaves without one (then cycled).
@@ -621,14 +745,17 @@ def write_image(
     name: str,
     chunks: Sequence[int] | None = None,
     omero: dict[str, Any] | None = None,
+    ngff_version: str = NGFF_VERSION,
 ) -> zarr.Group:
-    """Write a Dask array as an NGFF 0.4 image with an anti-aliased pyramid, chunk by chunk."""
+    """Write a Dask array as an NGFF image with an anti-aliased pyramid, chunk by chunk (a new
+    store at a path in ``ngff_version``; a given group in its own version)."""
     if isinstance(path_or_group, str | os.PathLike):
-        group = create_group(Path(path_or_group))
+        group = create_group(Path(path_or_group), ngff_version)
     else:
         group = path_or_group
     chunks = tuple(chunks) if chunks is not None else tuple(c[0] for c in data.chunks)
-    target = create_level0(group, data.shape, chunks, data.dtype)
+    names = axes.axes if isinstance(axes, Space) else axes
+    target = create_level0(group, data.shape, chunks, data.dtype, dimension_names=tuple(names))
     da.store(data.rechunk(chunks), target, lock=False)
     finish_multiscale(group, axes, scale, name, omero=omero)
     return group
@@ -672,11 +799,13 @@ def create_labels(
     shape: Sequence[int],
     chunks: Sequence[int],
     dtype: np.dtype | str = np.uint32,
+    axes: str | None = None,
 ) -> zarr.Group:
-    """Create ``labels/<name>`` (empty level 0) inside an image group and list it."""
+    """Create ``labels/<name>`` (empty level 0, on ``axes`` if given) inside an image group; it
+    is listed once finished (:func:`finish_labels`)."""
     labels_group = root.require_group("labels")
     label_group = labels_group.create_group(name, overwrite=True)
-    create_level0(label_group, shape, chunks, dtype)
+    create_level0(label_group, shape, chunks, dtype, dimension_names=axes)
     return label_group
 
 
@@ -694,8 +823,11 @@ def finish_labels(
     unlist_labels(root, name)  # listed once, even where a run is finished again
     # lists ``name`` in the labels group's "labels" attribute
     write_label_metadata(
-        labels_group, name, colors=colours, fmt=FormatV04(), source={"image": "../../"}
+        labels_group, name, colors=colours, fmt=_ngff_format(root), source={"image": "../../"}
     )
+    # ome-zarr-py 0.18 leaves the version out of an NGFF 0.5 labels group, which the
+    # specification (and ome-zarr-models) require: written again, with it
+    put_ngff_attrs(labels_group, ngff_attrs(labels_group))
 
 
 def unlist_labels(root: zarr.Group, name: str) -> None:
@@ -703,18 +835,20 @@ def unlist_labels(root: zarr.Group, name: str) -> None:
     if "labels" not in root:
         return
     group = root["labels"]
-    listed = group.attrs.get("labels")
+    attrs = ngff_attrs(group)
+    listed = attrs.get("labels")
     if isinstance(listed, list) and name in listed:
-        group.attrs["labels"] = [n for n in listed if n != name]
+        attrs["labels"] = [n for n in listed if n != name]
+        put_ngff_attrs(group, attrs)
 
 
 def check_labels_writable(path: Path, name: str, overwrite: bool) -> None:
     """Refuse to write ``labels/<name>`` into the image at ``path`` where it exists (unless
-    ``overwrite``), or where the image is not an NGFF 0.4 (zarr v2) group one can write to."""
+    ``overwrite``), or where it is not an OME-Zarr image group one can write to."""
     node = _open_zarr(path)
-    if not isinstance(node, zarr.Group) or node.metadata.zarr_format != 2:
+    if not isinstance(node, zarr.Group) or "multiscales" not in _ngff_attrs(node)[0]:
         raise UserInputError(
-            f"--into-input writes NGFF 0.4 labels, but {path} is not an NGFF 0.4 (zarr v2) image",
+            f"--into-input writes labels into an OME-Zarr image, but {path} is not one",
             "write a new output instead: predict IMAGE OUTPUT",
         )
     if (path / "labels" / name).exists() and not overwrite:
@@ -739,7 +873,8 @@ def write_labels(
 ) -> zarr.Group:
     """Write a Dask array of instance labels as ``labels/<name>`` with a nearest pyramid."""
     chunks = tuple(chunks) if chunks is not None else tuple(c[0] for c in labels.chunks)
-    group = create_labels(root, name, labels.shape, chunks, labels.dtype)
+    names = axes.axes if isinstance(axes, Space) else axes
+    group = create_labels(root, name, labels.shape, chunks, labels.dtype, names)
     da.store(labels.rechunk(chunks), group["0"], lock=False)
     finish_labels(root, name, axes, scale)
     return group

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cellulus_scale.config import NGFF_VERSION
 from cellulus_scale.io import ome_zarr
 from cellulus_scale.io.tracks import table_from_presence, write_track_table
 from cellulus_scale.simulation.simulate import SimulationSpec, simulate_frames
@@ -15,12 +16,16 @@ GROUND_TRUTH = "ground_truth"
 
 
 def write_simulation(
-    path: str | os.PathLike[str], spec: SimulationSpec, overwrite: bool = False, chunk: int = 256
+    path: str | os.PathLike[str],
+    spec: SimulationSpec,
+    overwrite: bool = False,
+    chunk: int = 256,
+    ngff_version: str = NGFF_VERSION,
 ) -> Path:
     """Simulate ``spec`` frame by frame into ``path``: the image (axes tyx or tzyx) and its
     ground-truth instance labels ``labels/ground_truth`` (IDs kept across frames), whose
     metadata holds the track table (:mod:`cellulus_scale.io.tracks`: ID, first frame, last
-    frame, parent; the CTC's man_track.txt)."""
+    frame, parent; the CTC's man_track.txt), in NGFF ``ngff_version``."""
     spec.validate()
     path = ome_zarr.check_output_path(path, overwrite)
     if path.exists():
@@ -28,10 +33,10 @@ def write_simulation(
     axes = "tyx" if len(spec.shape) == 2 else "tzyx"
     shape = (spec.frames, *spec.shape)
     chunks = (1, *[min(chunk, s) for s in spec.shape])
-    root = ome_zarr.create_group(path)
+    root = ome_zarr.create_group(path, ngff_version)
     ome_zarr.mark_status(root, "incomplete", command="simulate")
-    image = ome_zarr.create_level0(root, shape, chunks, np.uint16)
-    labels_group = ome_zarr.create_labels(root, GROUND_TRUTH, shape, chunks, np.uint32)
+    image = ome_zarr.create_level0(root, shape, chunks, np.uint16, dimension_names=axes)
+    labels_group = ome_zarr.create_labels(root, GROUND_TRUTH, shape, chunks, np.uint32, axes)
     labels = labels_group["0"]
     divisions = []
     first: dict[int, int] = {}

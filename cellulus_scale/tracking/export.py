@@ -67,10 +67,12 @@ def write_geff(
     result: LinkResult,
     scale: Sequence[float],
     labels_path: str | None = None,
+    zarr_format: int = 2,
 ) -> Path:
-    """Write the tracks of ``result`` as a GEFF graph at ``path`` (replacing one there);
-    ``scale`` is the pixel size per axis (t, [z,] y, x); ``labels_path`` the label image the
-    nodes' ``seg_id`` refers to, relative to ``path``."""
+    """Write the tracks of ``result`` as a GEFF graph at ``path`` (replacing one there), in
+    ``zarr_format`` (that of the store around it); ``scale`` is the pixel size per axis
+    (t, [z,] y, x); ``labels_path`` the label image the nodes' ``seg_id`` refers to, relative
+    to ``path``."""
     import geff
     from geff.core_io import write_arrays
     from geff_spec import Axis, GeffMetadata, RelatedObject
@@ -100,7 +102,7 @@ def write_geff(
             track_node_props={"tracklet": "track_id"},
             related_objects=related if labels_path else None,
         ),
-        zarr_format=2,
+        zarr_format=zarr_format,
     )
     return path
 

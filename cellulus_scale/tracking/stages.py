@@ -295,19 +295,11 @@ def prepare_target(session: Session, settings: LinkSettings, count: int) -> None
     spatial = dict(zip("zyx"[-plan.spatial_dims :], plan.block_size, strict=True))
     for axis, size in zip(plan.input_axes, source.shape, strict=True):
         chunks.append(1 if axis in "tc" else min(size, spatial.get(axis, 1)))
-    ome_zarr.create_labels(session.root, settings.target, source.shape, chunks, dtype)
+    ome_zarr.create_labels(
+        session.root, settings.target, source.shape, chunks, dtype, plan.input_axes
+    )
     for stale in (Path(plan.output_path) / WORK_DIR / "link-labels").glob("*.npz"):
         stale.unlink()
-
-
-def unlist_labels(root: zarr.Group, name: str) -> None:
-    """Remove ``name`` from the labels listed in ``labels/.zattrs`` (before it is rewritten)."""
-    if "labels" not in root:
-        return
-    group = root["labels"]
-    listed = list(group.attrs.get("labels", []))
-    if name in listed:
-        group.attrs["labels"] = [n for n in listed if n != name]
 
 
 def finish_tracks(
@@ -322,7 +314,7 @@ def finish_tracks(
     from cellulus_scale.io.tracks import write_track_table
     from cellulus_scale.tracking.export import write_geff
 
-    unlist_labels(root, settings.target)
+    ome_zarr.unlist_labels(root, settings.target)
     ome_zarr.finish_labels(root, settings.target, space, None)
     write_track_table(plan.output_path, settings.target, result.tracks.table)
     sizes = dict(zip(space.axes, space.scale, strict=True))
@@ -332,4 +324,5 @@ def finish_tracks(
         result,
         geff_scale,
         labels_path=f"../labels/{settings.target}",
+        zarr_format=root.metadata.zarr_format,
     )

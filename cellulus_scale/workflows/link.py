@@ -28,7 +28,6 @@ from cellulus_scale.tracking.stages import (
     LinkSettings,
     finish_tracks,
     run_linking,
-    unlist_labels,
 )
 
 
@@ -117,11 +116,12 @@ def link(
     size = block_size or default_link_block_size(source.data.chunksize, source.axes)
     if size < 16:
         raise UserInputError(f"--block-size {size} is too small", "use e.g. --block-size 256")
-    plan = make_plan(source, store, size, "cpu", "link", settings)
     root = ome_zarr.open_group_for_update(store)
+    version = ome_zarr.ngff_version_of(root)
+    plan = make_plan(source, store, size, "cpu", "link", settings, ngff_version=version)
     previous = status.get("link_previous_command", status.get("command")) or "link"
     if not resume:
-        unlist_labels(root, settings.target)
+        ome_zarr.unlist_labels(root, settings.target)
         for stale in (target, store / GEFF_NAME, store / WORK_DIR):
             ome_zarr.remove_store(stale)
     ome_zarr.mark_status(

@@ -111,6 +111,7 @@ def predict(
     voxel_size: Sequence[float] | None = None,
     into_input: bool = False,
     labels_name: str = LABELS_NAME,
+    ngff_version: str | None = None,
 ) -> PredictResult:
     """Segment every frame of an OME-Zarr image blockwise on Dask; write ``out.zarr`` with a
     copy of the image and the instance labels ``labels/cellulus`` (NGFF 0.4). With ``link``,
@@ -135,9 +136,12 @@ def predict(
     and the minimum size are physical (z scaled by the z step).
 
     With ``into_input`` (and ``output_path`` None) the labels are written into the input's own
-    ``labels`` group (``IN.zarr/labels/cellulus``, NGFF 0.4 inputs), with no copy of the image;
-    nothing else of the input is written to. ``labels_name`` names the labels
-    (``labels/<labels_name>``; ``refined`` for :func:`~cellulus_scale.workflows.refine.refine`)."""
+    ``labels`` group (``IN.zarr/labels/cellulus``, in the input's NGFF version), with no copy of
+    the image; nothing else of the input is written to. ``labels_name`` names the labels
+    (``labels/<labels_name>``; ``refined`` for :func:`~cellulus_scale.workflows.refine.refine`).
+    ``ngff_version`` is a new output's NGFF version (default
+    :data:`~cellulus_scale.config.NGFF_VERSION`; ``"0.5"``: zarr v3, one shard per block and
+    frame)."""
     from cellulus_scale.blockwise.cluster import connection_options
 
     output_path = output_of(input_path, output_path, into_input, link, save_embeddings)
@@ -146,6 +150,7 @@ def predict(
     )
     image = ome_zarr.open_image(input_path, axes)
     ome_zarr.check_complete(image.path)
+    version = ome_zarr.output_ngff_version(image, ngff_version, into_input)
     if device == "cuda":
         choose_device(device)  # refuses where no CUDA GPU is available
     linking = link_settings(labels_name, max_gap, max_distance) if link else None
@@ -223,7 +228,7 @@ def predict(
     settings = method_settings(image, model_path, segmentation, checkpoint, depth, network, spacing)
     size = choose_block_size(block_size, image.spatial_dims, depth, diameter)
     plan = make_plan(
-        image, output_path, size, device, chosen.name, settings, into_input, labels_name
+        image, output_path, size, device, chosen.name, settings, into_input, labels_name, version
     )
     features = chosen.features(plan, save_embeddings)
     details = {"diameter": diameter, "diameter_estimated": estimated}
