@@ -3,8 +3,9 @@
 The functions behind the commands can be imported from here, e.g. ``from cellulus_scale import
 predict``: ``write_simulation``, ``train``, ``train_supervised``, ``predict``, ``link``,
 ``evaluate``, ``evaluate_tracks``, ``export_ctc``, ``preview_frame``, ``export``,
-``run_demo`` (with ``SimulationSpec``) and ``slurm_job_scripts``. Each is imported from its
-module when first used, so importing the package imports neither torch nor Dask.
+``run_demo`` (with ``SimulationSpec``) and ``slurm_job_scripts``; ``is_url`` says whether a
+path names object storage (``s3://...``). Each is imported from its module when first used, so
+importing the package imports neither torch nor Dask.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ _PUBLIC = {
     "preview_frame": "cellulus_scale.viz.snapshot",
     "run_demo": "cellulus_scale.workflows.demo",
     "slurm_job_scripts": "cellulus_scale.workflows.cluster",
+    "is_url": "cellulus_scale.io.location",
 }
 
 __all__ = [
@@ -40,6 +42,7 @@ __all__ = [
     "export_ctc",
     "link",
     "export",
+    "is_url",
     "predict",
     "preview_frame",
     "refine",
@@ -53,6 +56,7 @@ __all__ = [
 if TYPE_CHECKING:
     from cellulus_scale.evaluation.evaluate import evaluate
     from cellulus_scale.evaluation.tracks import evaluate_tracks
+    from cellulus_scale.io.location import is_url
     from cellulus_scale.simulation.simulate import SimulationSpec
     from cellulus_scale.simulation.store import write_simulation
     from cellulus_scale.tracking.export import export_ctc

@@ -138,6 +138,27 @@ def stardist_options(function: Callable[..., Any]) -> Callable[..., Any]:
     return function
 
 
+class StorePath(click.ParamType):
+    """A local path, or a URL of object storage (s3://..., https://... to read), kept whole."""
+
+    name = "path|url"
+
+    def shell_complete(self, ctx: Any, param: Any, incomplete: str) -> list[Any]:
+        from click.shell_completion import CompletionItem
+
+        return [CompletionItem(incomplete, type="file")]
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Path | str:
+        from cellulus_scale import is_url
+
+        if isinstance(value, Path) or value is None:
+            return value
+        return str(value) if is_url(value) else Path(value)
+
+
+STORE = StorePath()
+
+
 class OptionalFloat(click.ParamType):
     """A number, or 'off' (None)."""
 
@@ -300,7 +321,7 @@ def simulate(
 @main.command(
     epilog="\b\nExample:\n  cellulus-scale train demo.zarr model.pt --preset cpu --max-minutes 5"
 )
-@click.argument("image", type=click.Path(path_type=Path))
+@click.argument("image", type=STORE)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option(
     "--preset",
@@ -377,12 +398,12 @@ def train_supervised(image: Path, model: Path, **options: Any) -> None:
     "  cellulus-scale predict video.zarr segmented.zarr --model model.pt --diameter 24\n"
     "  cellulus-scale predict video.zarr --into-input"
 )
-@click.argument("image", type=click.Path(path_type=Path))
-@click.argument("output", type=click.Path(path_type=Path), required=False)
+@click.argument("image", type=STORE)
+@click.argument("output", type=STORE, required=False)
 @click.option(
     "--model",
     "model",
-    type=click.Path(path_type=Path),
+    type=STORE,
     default=None,
     help="Checkpoint from 'train' or 'train-supervised'; without it a model is trained on IMAGE"
     " first and kept as OUTPUT/model.pt.",
@@ -576,7 +597,7 @@ def _report_tracks(store: Path, tracks: dict[str, Any]) -> None:
 
 
 @main.command(epilog="\b\nExample:\n  cellulus-scale link segmented.zarr --max-gap 2")
-@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("store", type=STORE)
 @click.option(
     "--labels",
     default="cellulus",
@@ -624,7 +645,7 @@ def link(store: Path, **options: Any) -> None:
     epilog="\b\nExamples:\n  cellulus-scale refine segmented.zarr\n"
     "  cellulus-scale refine segmented.zarr --train-minutes 30 --workers 2"
 )
-@click.argument("output", type=click.Path(path_type=Path))
+@click.argument("output", type=STORE)
 @click.option(
     "--preset",
     type=click.Choice(["auto", "paper", "cpu"]),
@@ -673,7 +694,7 @@ def refine(output: Path, **options: Any) -> None:
     "export-ctc",
     epilog="\b\nExample:\n  cellulus-scale export-ctc segmented.zarr segmented_RES",
 )
-@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("store", type=STORE)
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--labels", default="tracks", show_default=True, help="Linked labels to export.")
 @click.option("--overwrite", is_flag=True, help="Write into a folder that is not empty.")
@@ -695,10 +716,10 @@ def export_ctc(store: Path, folder: Path, labels: str, overwrite: bool) -> None:
     epilog="\b\nExample:\n  cellulus-scale evaluate segmented.zarr --truth demo.zarr"
     " --json scores.json"
 )
-@click.argument("prediction", type=click.Path(path_type=Path))
+@click.argument("prediction", type=STORE)
 @click.option(
     "--truth",
-    type=click.Path(path_type=Path),
+    type=STORE,
     default=None,
     help="Store holding the ground truth (default: PREDICTION itself).",
 )
@@ -761,12 +782,12 @@ def evaluate(
 @main.command(
     epilog="\b\nExample:\n  cellulus-scale preview segmented.zarr --frame 0 -o preview.png"
 )
-@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("store", type=STORE)
 @click.option("--frame", type=int, default=0, show_default=True)
 @click.option("--labels", default="cellulus", show_default=True)
 @click.option(
     "--truth",
-    type=click.Path(path_type=Path),
+    type=STORE,
     default=None,
     help="A store with labels/ground_truth to show beside (default: STORE's own, if any).",
 )
@@ -790,7 +811,7 @@ def preview(store: Path, frame: int, labels: str, truth: Path | None, output: Pa
     epilog="\b\nExample:\n  cellulus-scale export segmented.zarr masks/   # mask000.tif ...,"
     " measurements.csv"
 )
-@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("store", type=STORE)
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--labels", default="cellulus", show_default=True, help="Label image to export.")
 @click.option("--masks/--no-masks", default=True, help="One TIFF per frame (mask000.tif, ...).")

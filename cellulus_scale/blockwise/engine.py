@@ -16,12 +16,11 @@ plan sized to the cluster's workers, and the prepared output store.
 from __future__ import annotations
 
 import contextlib
-import os
+import io
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,6 +35,7 @@ from cellulus_scale.blockwise.store import (
     status_group,
 )
 from cellulus_scale.errors import UserInputError
+from cellulus_scale.io.location import Location
 from cellulus_scale.io.ome_zarr import OmeImage, mark_status
 
 #: A stage's process function: (plan, frame, block, *shared) -> small result.
@@ -80,21 +80,26 @@ class RunOptions:
 # --- markers: what is done, for --resume -----------------------------------------------------
 
 
-def marker_path(plan: Plan, stage: str, frame: int, block: Block) -> Path:
-    return plan.work_path / stage / f"{frame}_{block.name}.npz"
+def marker_name(frame: int, block: Block) -> str:
+    return f"{frame}_{block.name}.npz"
 
 
-def _save_marker(path: Path, **values: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.stem + ".partial.npz")
-    np.savez_compressed(temporary, **values)  # a block's histogram: tens of kB uncompressed
-    os.replace(temporary, path)
+def marker_path(plan: Plan, stage: str, frame: int, block: Block) -> Location:
+    return plan.work_path / stage / marker_name(frame, block)
 
 
-def _load_marker(path: Path) -> dict[str, np.ndarray] | None:
-    if not path.exists():
+def _save_marker(path: Location, **values: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **values)  # a block's histogram: tens of kB uncompressed
+    path.write_bytes(buffer.getvalue())  # whole or not at all
+
+
+def _load_marker(path: Location) -> dict[str, np.ndarray] | None:
+    try:
+        stored = path.read_bytes()
+    except FileNotFoundError:
         return None
-    with np.load(path) as data:
+    with np.load(io.BytesIO(stored)) as data:
         return {k: data[k] for k in data.files}
 
 
@@ -205,7 +210,8 @@ class Session:
 
     def count_done(self, stage: Stage) -> int:
         """The blocks whose result ``stage`` has recorded."""
-        return sum(marker_path(self.plan, stage.name, f, b).exists() for f, b in self.plan.work)
+        found = set((self.plan.work_path / stage.name).names())
+        return sum(marker_name(f, b) in found for f, b in self.plan.work)
 
     def scatter(self, per_frame: Sequence[Sequence[Any]]) -> list[list[Any]]:
         """Send each frame's values to the cluster once, for :meth:`run`'s ``per_frame``."""
@@ -219,8 +225,8 @@ class Session:
         """Create the label array for ``objects`` objects unless a resumed run has it in the
         right dtype; a new array voids the blocks ``written_by`` recorded before."""
         if prepare_labels(self.plan, self.image, self.root, objects):
-            for stale in (self.plan.work_path / written_by.name).glob("*.npz"):
-                stale.unlink()
+            folder = self.plan.work_path / written_by.name
+            folder.remove_files([name for name in folder.names() if name.endswith(".npz")])
 
     @contextlib.contextmanager
     def timed(self, part: str) -> Iterator[None]:

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 from cellulus_scale.blockwise.blocks import Block, block_grid
 from cellulus_scale.config import NGFF_VERSION
+from cellulus_scale.io.location import Location
 from cellulus_scale.io.ome_zarr import OmeImage
 
 WORK_DIR = ".cellulus-scale"  # the recorded block results and scratch of an unfinished run
@@ -59,8 +59,13 @@ class Plan:
         return f"labels/{WORK_DIR}" if self.into_input else WORK_DIR
 
     @property
-    def work_path(self) -> Path:
-        return Path(self.output_path) / self.work_dir
+    def output(self) -> Location:
+        """Where the output is: a local path or a URL."""
+        return Location.of(self.output_path)
+
+    @property
+    def work_path(self) -> Location:
+        return self.output / self.work_dir
 
     @property
     def blocks(self) -> list[Block]:
@@ -95,7 +100,7 @@ class Plan:
 
 def make_plan(
     image: OmeImage,
-    output_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str] | Location,
     block_size: int,
     device: str,
     method: str,
@@ -110,7 +115,7 @@ def make_plan(
     return Plan(
         input_path=str(image.path),
         input_axes=image.axes,
-        output_path=str(Path(output_path)),
+        output_path=str(Location.of(output_path)),
         block_size=(block_size,) * len(spatial),
         frames=frames,
         channels=channels,

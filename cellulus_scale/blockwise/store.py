@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +22,7 @@ from cellulus_scale.blockwise.plan import LABELS_NAME, WORK_DIR, Plan  # noqa: F
 from cellulus_scale.blockwise.worker import cached
 from cellulus_scale.errors import UserInputError
 from cellulus_scale.io import ome_zarr
+from cellulus_scale.io.location import Location
 
 #: Up to this many objects, the labels' ``image-label`` metadata lists a colour per ID (a few
 #: tens of kB of JSON); above it, viewers choose their own colours.
@@ -93,7 +93,7 @@ def check_finite(values: np.ndarray, plan: Plan, frame: int) -> None:
 
 
 def output_array(plan: Plan, name: str) -> zarr.Array:
-    return zarr.open_array(str(Path(plan.output_path) / name), mode="r+")
+    return zarr.open_array((plan.output / name).url, mode="r+")
 
 
 def output_index(
@@ -164,7 +164,7 @@ def write_feature_core(plan: Plan, name: str, frame: int, block: Block, values: 
 
 def read_feature(plan: Plan, name: str, frame: int, region: Sequence[slice]) -> np.ndarray:
     """Read (channels, *region) of ``frame`` of the feature image ``name``."""
-    array = zarr.open_array(str(Path(plan.output_path) / name / "0"), mode="r")
+    array = zarr.open_array((plan.output / name / "0").url, mode="r")
     return array[(frame, slice(None)) + tuple(region)]
 
 
@@ -187,7 +187,7 @@ def prepare_output(
     """A new output store marked incomplete, with the empty image copy and feature images; or,
     with ``resume``, the interrupted store of the same plan. Writing into the input, the input's
     root opened for writing its labels group (the status and scratch in its work folder)."""
-    out = Path(plan.output_path)
+    out = plan.output
     status_path = plan.work_path if plan.into_input else out
     if resume:
         status = ome_zarr.run_status(status_path) if status_path.exists() else {}
@@ -256,9 +256,9 @@ def prepare_labels(plan: Plan, image: ome_zarr.OmeImage, root: zarr.Group, objec
     already has it; True if it was created (the label blocks recorded before are then void)."""
     dtype = ome_zarr.label_dtype(objects)
     axes, label_shape = ome_zarr.label_axes_shape(image)
-    labels_path = Path(plan.output_path) / "labels" / plan.labels_name / "0"
+    labels_path = plan.output / "labels" / plan.labels_name / "0"
     if labels_path.exists():
-        existing = zarr.open_array(str(labels_path), mode="r")
+        existing = zarr.open_array(labels_path.url, mode="r")
         if existing.dtype == dtype and existing.shape == label_shape:
             return False
     ome_zarr.create_labels(
@@ -295,8 +295,8 @@ def finish_output(
     and the pyramids never take disk space together."""
     for feature in features:
         if not feature.keep:
-            ome_zarr.remove_store(Path(plan.output_path) / feature.name)
-    name = Path(plan.input_path).stem
+            ome_zarr.remove_store(plan.output / feature.name)
+    name = Location.of(plan.input_path).stem
     if not plan.into_input:
         ome_zarr.finish_multiscale(root, image.space, None, name, omero=image.omero)
     objects = int(details.get("objects", 0))  # type: ignore[call-overload]

@@ -32,6 +32,7 @@ from cellulus_scale.evaluation.metrics import (
     score_frame,
 )
 from cellulus_scale.io import ome_zarr
+from cellulus_scale.io.location import Location
 
 _TABLE_COLUMNS = ("frame", *SCALAR_SCORES)
 
@@ -192,8 +193,8 @@ def score_frames(
     per frame, on ``client`` if given, else with Dask's threaded scheduler; the results in frame
     order and the number of z planes. Both stores must be complete, and the label images of
     one size with one channel (length-1 axes may differ)."""
-    pred_path = Path(pred_path)
-    truth_path = Path(truth_path) if truth_path is not None else pred_path
+    pred_path = Location.of(pred_path)
+    truth_path = Location.of(truth_path) if truth_path is not None else pred_path
     ome_zarr.check_complete(pred_path)
     if truth_path != pred_path:
         ome_zarr.check_complete(truth_path)

@@ -30,6 +30,7 @@ from cellulus_scale.errors import UserInputError
 from cellulus_scale.evaluation.evaluate import score_frames
 from cellulus_scale.evaluation.metrics import overlap_table
 from cellulus_scale.io import ome_zarr
+from cellulus_scale.io.location import local_store
 from cellulus_scale.io.tracks import read_track_table
 from cellulus_scale.kernels.tracking import object_statistics
 
@@ -200,8 +201,10 @@ def evaluate_tracks(
         raise UserInputError(
             f"--frame-buffer must be >= 0, got {frame_buffer}", "use e.g. --frame-buffer 2"
         )
-    pred_path = Path(pred_path)
-    truth_path = Path(truth_path) if truth_path is not None else pred_path
+    pred_path = local_store(pred_path, "evaluate --tracks")
+    truth_path = (
+        local_store(truth_path, "evaluate --tracks") if truth_path is not None else pred_path
+    )
     frames, planes = score_frames(
         pred_path, truth_path, pred_labels, truth_labels, frame_matches, client
     )

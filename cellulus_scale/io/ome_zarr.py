@@ -17,7 +17,6 @@ import itertools
 import json
 import math
 import os
-import shutil
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ from ome_zarr.writer import write_label_metadata, write_multiscales_metadata
 
 from cellulus_scale.config import NGFF_VERSION, NGFF_VERSIONS
 from cellulus_scale.errors import UserInputError
+from cellulus_scale.io.location import Location
 
 CANONICAL_AXES = "tczyx"
 SPATIAL_AXES = "zyx"
@@ -63,7 +63,7 @@ INNER_CHUNK = 128
 class OmeImage:
     """A lazily opened image: its full-resolution data, axis names and physical scale."""
 
-    path: Path
+    path: Location
     data: da.Array
     axes: str
     scale: tuple[float, ...]
@@ -182,7 +182,18 @@ def check_dtype(dtype: np.dtype, what: str = "image") -> None:
         )
 
 
-def _open_zarr(path: Path) -> zarr.Group | zarr.Array:
+def _open_zarr(location: Location) -> zarr.Group | zarr.Array:
+    if location.remote:
+        try:
+            return zarr.open(store=location.url, mode="r")
+        except Exception as error:  # fsspec and zarr raise many types (missing, denied, ...)
+            raise UserInputError(
+                f"{location} is not a readable zarr store ({type(error).__name__}:"
+                f" {' '.join(str(error).split())[:80]})",
+                "check the URL and the credentials in the environment (e.g. AWS_ACCESS_KEY_ID,"
+                " AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL)",
+            ) from None
+    path = location.path
     if not path.exists():
         raise UserInputError(f"no such file or directory: {path}", "check the path")
     if path.is_file() and path.suffix.lower() in (".tif", ".tiff"):
@@ -257,7 +268,7 @@ def _omero_of(attrs: dict[str, Any], channels: int) -> dict[str, Any] | None:
     return json.loads(json.dumps(omero))
 
 
-def _open_level(group: zarr.Group, path: Path, key: str) -> zarr.Group | zarr.Array:
+def _open_level(group: zarr.Group, path: Location, key: str) -> zarr.Group | zarr.Array:
     """The array ``key`` of an image group; a damaged array header is named as such."""
     try:
         return group[key]
@@ -271,13 +282,14 @@ def _open_level(group: zarr.Group, path: Path, key: str) -> zarr.Group | zarr.Ar
         ) from None
 
 
-def open_image(path: str | os.PathLike[str], axes: str | None = None) -> OmeImage:
-    """Open an OME-Zarr image (NGFF 0.4 or 0.5) or a plain zarr array lazily.
+def open_image(path: str | os.PathLike[str] | Location, axes: str | None = None) -> OmeImage:
+    """Open an OME-Zarr image (NGFF 0.4 or 0.5) or a plain zarr array lazily, from a local path
+    or a URL (:mod:`cellulus_scale.io.location`).
 
     A plain array needs ``axes`` (e.g. ``"tcyx"``); for an NGFF image ``axes`` must match the
     metadata if given. The store is opened read-only.
     """
-    path = Path(path)
+    path = Location.of(path)
     node = _open_zarr(path)
     if isinstance(node, zarr.Array):
         if axes is None:
@@ -374,11 +386,12 @@ def voxel_spacing(
     return spacing
 
 
-def open_labels(path: str | os.PathLike[str], name: str) -> OmeImage:
+def open_labels(path: str | os.PathLike[str] | Location, name: str) -> OmeImage:
     """Open the label image ``labels/<name>`` of an OME-Zarr image."""
-    path = Path(path)
+    path = Location.of(path)
     image = open_image(path)
-    if name not in image.labels or not (path / "labels" / name).exists():
+    # object storage over HTTP cannot list folders: the labels group's own list decides there
+    if name not in image.labels or (not path.remote and not (path / "labels" / name).exists()):
         found = ", ".join(image.labels) or "none"
         raise UserInputError(
             f"{path} has no label image named '{name}' (found: {found})",
@@ -388,18 +401,22 @@ def open_labels(path: str | os.PathLike[str], name: str) -> OmeImage:
 
 
 def check_output_path(
-    path: str | os.PathLike[str], overwrite: bool, inputs: Sequence[Path] = ()
-) -> Path:
-    """Refuse to write over an existing output (unless ``overwrite``) or over an input."""
-    path = Path(path)
+    path: str | os.PathLike[str] | Location,
+    overwrite: bool,
+    inputs: Sequence[str | os.PathLike[str] | Location] = (),
+) -> Path | Location:
+    """Refuse to write over an existing output (unless ``overwrite``) or over an input, or
+    into a local folder that is missing or not writable; the output's path (a URL's
+    :class:`~cellulus_scale.io.location.Location`)."""
+    location = Location.of(path)
     for source in inputs:
-        if path.resolve() == Path(source).resolve():
+        if location.same_as(Location.of(source)):
             raise UserInputError(
-                f"the output {path} is the input", "choose a different output path"
+                f"the output {location} is the input", "choose a different output path"
             )
-    if path.exists() and not overwrite:
+    if location.exists() and not overwrite:
         try:
-            status = run_status(path) if path.is_dir() else {}
+            status = run_status(location) if location.is_dir() else {}
         except UserInputError:  # not a zarr store
             status = {}
         if status.get("status") == "incomplete":
@@ -410,9 +427,12 @@ def check_output_path(
                 " again",
             )
         raise UserInputError(
-            f"output {path} already exists", "pass --overwrite to replace it or choose a new path"
+            f"output {location} already exists",
+            "pass --overwrite to replace it or choose a new path",
         )
-    parent = path.resolve().parent
+    if location.remote:  # object storage: the first write says whether it may be written
+        return location
+    parent = location.path.resolve().parent
     if not parent.exists():
         raise UserInputError(f"the folder {parent} does not exist", "create it first")
     if not parent.is_dir():
@@ -430,14 +450,12 @@ def check_output_path(
             f"cannot create anything in the folder {parent} ({error.strerror or error})",
             "choose a writable output path",
         ) from None
-    return path
+    return location.path
 
 
-def remove_store(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
+def remove_store(path: str | os.PathLike[str] | Location) -> None:
+    """Remove the store (or file) at ``path``, if there is one."""
+    Location.of(path).remove()
 
 
 def pyramid_factors(
@@ -455,14 +473,17 @@ def pyramid_factors(
     return factors
 
 
-def create_group(path: Path, ngff_version: str = NGFF_VERSION) -> zarr.Group:
+def create_group(
+    path: str | os.PathLike[str] | Location, ngff_version: str = NGFF_VERSION
+) -> zarr.Group:
     """Create a new group for an NGFF ``ngff_version`` image (0.4: zarr v2, 0.5: zarr v3)."""
-    return zarr.open_group(str(path), mode="w", zarr_format=NGFF_ZARR_FORMATS[ngff_version])
+    url = Location.of(path).url
+    return zarr.open_group(url, mode="w", zarr_format=NGFF_ZARR_FORMATS[ngff_version])
 
 
-def open_group_for_update(path: Path) -> zarr.Group:
+def open_group_for_update(path: str | os.PathLike[str] | Location) -> zarr.Group:
     """Open an existing group (either zarr format) to write into it."""
-    return zarr.open_group(str(path), mode="r+")
+    return zarr.open_group(Location.of(path).url, mode="r+")
 
 
 def ngff_version_of(group: zarr.Group) -> str:
@@ -749,8 +770,8 @@ def write_image(
 ) -> zarr.Group:
     """Write a Dask array as an NGFF image with an anti-aliased pyramid, chunk by chunk (a new
     store at a path in ``ngff_version``; a given group in its own version)."""
-    if isinstance(path_or_group, str | os.PathLike):
-        group = create_group(Path(path_or_group), ngff_version)
+    if isinstance(path_or_group, str | os.PathLike | Location):
+        group = create_group(path_or_group, ngff_version)
     else:
         group = path_or_group
     chunks = tuple(chunks) if chunks is not None else tuple(c[0] for c in data.chunks)
@@ -842,9 +863,12 @@ def unlist_labels(root: zarr.Group, name: str) -> None:
         put_ngff_attrs(group, attrs)
 
 
-def check_labels_writable(path: Path, name: str, overwrite: bool) -> None:
+def check_labels_writable(
+    path: str | os.PathLike[str] | Location, name: str, overwrite: bool
+) -> None:
     """Refuse to write ``labels/<name>`` into the image at ``path`` where it exists (unless
     ``overwrite``), or where it is not an OME-Zarr image group one can write to."""
+    path = Location.of(path)
     node = _open_zarr(path)
     if not isinstance(node, zarr.Group) or "multiscales" not in _ngff_attrs(node)[0]:
         raise UserInputError(
@@ -857,7 +881,7 @@ def check_labels_writable(path: Path, name: str, overwrite: bool) -> None:
             "pass --overwrite to replace them, or write a new output: predict IMAGE OUTPUT",
         )
     labels = path / "labels" if (path / "labels").exists() else path
-    if not os.access(labels, os.W_OK):
+    if not labels.remote and not os.access(labels, os.W_OK):
         raise UserInputError(
             f"{labels} is not writable", "write a new output instead: predict IMAGE OUTPUT"
         )
@@ -891,13 +915,13 @@ def mark_status(group: zarr.Group, status: str, **details: Any) -> None:
     group.attrs[STATUS_KEY] = json.loads(json.dumps(current))
 
 
-def run_status(path: str | os.PathLike[str]) -> dict[str, Any]:
+def run_status(path: str | os.PathLike[str] | Location) -> dict[str, Any]:
     """The run status recorded in a store written by cellulus-scale ({} for other stores)."""
-    node = _open_zarr(Path(path))
+    node = _open_zarr(Location.of(path))
     return dict(node.attrs.get(STATUS_KEY, {})) if isinstance(node, zarr.Group) else {}
 
 
-def check_complete(path: str | os.PathLike[str], command: str = "predict") -> None:
+def check_complete(path: str | os.PathLike[str] | Location, command: str = "predict") -> None:
     """Refuse a store that a run left incomplete, saying how to finish it."""
     status = run_status(path)
     if status.get("status") == "incomplete":

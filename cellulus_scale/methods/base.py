@@ -8,7 +8,6 @@ A method is a module that declares its stages and runs them on a
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -21,6 +20,7 @@ from cellulus_scale.blockwise.plan import Plan
 from cellulus_scale.blockwise.store import FeatureImage
 from cellulus_scale.blockwise.worker import cached
 from cellulus_scale.config import NETWORK_TASK_THREADS, SegmentationConfig
+from cellulus_scale.io.location import Location
 from cellulus_scale.kernels.noise import reflect_indices
 from cellulus_scale.model.checkpoint import Checkpoint, load_checkpoint
 from cellulus_scale.model.device import worker_device
@@ -130,9 +130,10 @@ def embeddings_image(plan: Plan, keep: bool) -> FeatureImage:
 
 def load_model(plan: Plan) -> tuple[Any, Checkpoint, Any]:
     """(model, checkpoint, device) of the plan's model, loaded once per worker process (again
-    only if the file changes). torch computes with :data:`NETWORK_TASK_THREADS` threads in
-    every worker: its CPU kernels sum in an order that depends on the thread count, so a count
-    that followed the cluster's layout would make the labels depend on it."""
+    only if the file is replaced, locally or in object storage). torch computes with
+    :data:`NETWORK_TASK_THREADS` threads in every worker: its CPU kernels sum in an order that
+    depends on the thread count, so a count that followed the cluster's layout would make the
+    labels depend on it."""
     import torch
 
     model_path = plan.settings.model_path
@@ -143,7 +144,7 @@ def load_model(plan: Plan) -> tuple[Any, Checkpoint, Any]:
         checkpoint = load_checkpoint(model_path)
         return checkpoint.build_model(device), checkpoint, device
 
-    stamp = os.stat(model_path).st_mtime_ns
+    stamp = Location.of(model_path).stamp()
     return cached(("model", model_path, stamp, plan.device), make)
 
 

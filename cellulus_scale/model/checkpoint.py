@@ -8,6 +8,7 @@ checkpoints are not loaded with them (the package requires ``torch>=2.10``).
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 
 from cellulus_scale.config import ModelConfig
 from cellulus_scale.errors import UserInputError
+from cellulus_scale.io.location import Location, is_url
 from cellulus_scale.kernels.normalisation import Normalisation
 from cellulus_scale.model.unet import UNet
 
@@ -61,10 +63,13 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike[str]) -> Non
     os.replace(temporary, path)
 
 
-def _unreadable(path: Path, error: Exception) -> str:
+def _unreadable(source: Path | io.BytesIO, error: Exception) -> str:
     """Why torch.load failed, in words: not a PyTorch file, damaged, or not plain values."""
-    with path.open("rb") as handle:
-        head = handle.read(4)
+    if isinstance(source, io.BytesIO):
+        head = source.getvalue()[:4]
+    else:
+        with source.open("rb") as handle:
+            head = handle.read(4)
     if not head:
         return "the file is empty"
     message = str(error)
@@ -98,18 +103,35 @@ def check_safe_torch(version: str | None = None) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike[str], kind: str | None = None) -> Checkpoint:
-    """Load and check a checkpoint; bad files give a UserInputError naming the problem."""
+    """Load and check a checkpoint (a local path, or a URL in object storage); bad files give a
+    UserInputError naming the problem."""
     check_safe_torch()
-    path = Path(path)
-    if not path.is_file():
-        raise UserInputError(
-            f"no model checkpoint at {path}", "train one with 'cellulus-scale train'"
-        )
+    source: Path | io.BytesIO
+    if is_url(path):
+        try:
+            source = io.BytesIO(Location.of(path).read_bytes())
+        except FileNotFoundError:
+            raise UserInputError(
+                f"no model checkpoint at {path}", "train one with 'cellulus-scale train'"
+            ) from None
+        except Exception as error:  # denied, no credentials, an unreachable endpoint, ...
+            raise UserInputError(
+                f"cannot read the model {path} ({type(error).__name__}:"
+                f" {' '.join(str(error).split())[:80]})",
+                "check the URL and the credentials in the environment (e.g. AWS_ACCESS_KEY_ID,"
+                " AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL)",
+            ) from None
+    else:
+        source = Path(path)
+        if not source.is_file():
+            raise UserInputError(
+                f"no model checkpoint at {path}", "train one with 'cellulus-scale train'"
+            )
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as error:
         raise UserInputError(
-            f"{path} is not a readable cellulus-scale checkpoint ({_unreadable(path, error)})",
+            f"{path} is not a readable cellulus-scale checkpoint ({_unreadable(source, error)})",
             "pass a MODEL.pt written by 'cellulus-scale train'",
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

@@ -25,6 +25,7 @@ import numpy as np
 
 from cellulus_scale.errors import UserInputError
 from cellulus_scale.io import ome_zarr
+from cellulus_scale.io.location import local_store
 from cellulus_scale.io.tracks import read_track_table
 
 if TYPE_CHECKING:
@@ -191,7 +192,7 @@ def export_ctc(
     task per frame reads that frame only (twice: the IDs present, then the mask)."""
     import dask
 
-    store, folder = Path(store), Path(folder)
+    store, folder = local_store(store, "export-ctc"), Path(folder)
     ome_zarr.check_complete(store)
     image = ome_zarr.open_labels(store, labels)
     table = read_track_table(store, labels)

@@ -446,6 +446,9 @@ def run_training(
         batch_size=train_config.batch_size,
         shuffle=False,
         num_workers=workers,
+        # object storage clients are bound to their process's event loop: a forked loader
+        # process cannot use its parent's, so it starts afresh
+        multiprocessing_context="spawn" if workers and image.path.remote else None,
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
         pin_memory=torch_device.type == "cuda",

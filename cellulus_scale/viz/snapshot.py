@@ -13,6 +13,7 @@ import numpy as np
 
 from cellulus_scale.errors import UserInputError
 from cellulus_scale.io import ome_zarr
+from cellulus_scale.io.location import Location
 from cellulus_scale.viz.preview import render_preview
 
 GROUND_TRUTH = "ground_truth"  # the label image a preview shows beside the segmentation
@@ -45,7 +46,7 @@ def preview_frame(
     plane. Stores left incomplete by an interrupted run, frames or channels out of range and
     unknown label names are refused with :class:`UserInputError`. Returns the PNG path.
     """
-    store_path = Path(store_path)
+    store_path = Location.of(store_path)
     output_png = Path(output_png)
     ome_zarr.check_complete(store_path)
     image = ome_zarr.open_image(store_path)
@@ -79,7 +80,7 @@ def preview_frame(
         raise UserInputError(f"the folder {parent} does not exist", "create it first")
 
     truth_labels = None
-    truth_path = Path(truth) if truth is not None else store_path
+    truth_path = Location.of(truth) if truth is not None else store_path
     if truth is not None or GROUND_TRUTH in image.labels:
         if truth is not None:
             ome_zarr.check_complete(truth_path)

@@ -22,6 +22,7 @@ import numpy as np
 
 from cellulus_scale.errors import UserInputError
 from cellulus_scale.io import ome_zarr
+from cellulus_scale.io.location import local_store
 
 MEASUREMENTS = "measurements.csv"
 
@@ -143,7 +144,7 @@ def export(
     intensity per image channel). Frames run as Dask tasks on ``client`` if given, else on
     threads. Refuses an incomplete store, label images that do not fit the image, and an
     existing export unless ``overwrite``."""
-    store = Path(store_path)
+    store = local_store(store_path, "export")
     folder = Path(folder)
     ome_zarr.check_complete(store)
     image = ome_zarr.open_image(store)

@@ -23,6 +23,7 @@ from cellulus_scale.blockwise.store import WORK_DIR
 from cellulus_scale.config import TrackingConfig, default_of
 from cellulus_scale.errors import UserInputError
 from cellulus_scale.io import ome_zarr
+from cellulus_scale.io.location import local_store
 from cellulus_scale.tracking.stages import (
     GEFF_NAME,
     LinkSettings,
@@ -83,7 +84,7 @@ def link(
     """Link the objects of ``labels/<labels>`` of ``store`` over time; write ``labels/tracks``
     (track IDs), its track table and ``tracks.geff`` into the store."""
     start = time.perf_counter()
-    store = Path(store)
+    store = local_store(store, "link")
     settings = link_settings(labels, max_gap, max_distance)
     status = ome_zarr.run_status(store)
     if resume:

@@ -37,6 +37,7 @@ from cellulus_scale.config import (
 )
 from cellulus_scale.errors import UserInputError
 from cellulus_scale.io import ome_zarr
+from cellulus_scale.io.location import Location, read_only_url
 from cellulus_scale.methods import oce, stardist, watershed
 from cellulus_scale.methods.base import Method, MethodSettings, Statistics
 from cellulus_scale.model.checkpoint import Checkpoint, check_compatible, load_checkpoint
@@ -62,7 +63,7 @@ MODEL_METHODS: dict[str, Method] = {"oce": oce.METHOD, "stardist": stardist.METH
 class PredictResult:
     """What a prediction run did."""
 
-    output: Path
+    output: Path | Location  # a local path, or the URL in object storage
     objects: int
     statistics: Statistics
     blocks: int
@@ -154,12 +155,14 @@ def predict(
     if device == "cuda":
         choose_device(device)  # refuses where no CUDA GPU is available
     linking = link_settings(labels_name, max_gap, max_distance) if link else None
-    work = Path(output_path).resolve() / ("labels" if into_input else "") / WORK_DIR
+    output = Location.of(output_path)
+    if output.remote:
+        check_remote_output(output, model_path, method, link)
     if into_input and not resume:
         ome_zarr.check_labels_writable(image.path, labels_name, overwrite)
     elif not resume:
         ome_zarr.check_output_path(output_path, overwrite, inputs=[image.path])
-    elif Path(output_path).exists() and not into_input:
+    elif output.exists() and not into_input:
         recorded = ome_zarr.run_status(output_path).get("link")
         if recorded != (linking.to_json() if linking else None):
             raise UserInputError(
@@ -173,6 +176,7 @@ def predict(
     if model_path is None and method == "cellulus":
         for choice in PRESETS.values() if preset == AUTO_PRESET else (PRESETS[preset],):
             check_trainable(image, choice, voxel_size)  # refuses before anything starts
+        work = output.path.resolve() / ("labels" if into_input else "") / WORK_DIR
         self_training = SelfTraining(
             work / MODEL_FILE,
             preset,
@@ -235,6 +239,38 @@ def predict(
     return run_method(
         chosen, plan, image, checkpoint, features, options, self_training, details, linking
     )
+
+
+def check_remote_output(
+    output: Location, model_path: str | os.PathLike[str] | None, method: str, link: bool
+) -> None:
+    """Refuse what an output in object storage cannot hold (yet): a URL that can only be read,
+    a model trained into it while the run goes on, and the linking's local tables."""
+    if read_only_url(output):
+        raise UserInputError(
+            f"{output} can only be read",
+            "write the output to s3:// (or another writable object store) or to a local folder",
+        )
+    if model_path is None and method == "cellulus":
+        raise UserInputError(
+            f"training on the input keeps the model in the output, which {output} in object"
+            " storage cannot hold while it trains",
+            "train first (cellulus-scale train IMAGE MODEL.pt), then predict with --model MODEL.pt",
+        )
+    if link:
+        raise UserInputError(
+            f"--link keeps local tables beside the labels, which {output} cannot hold",
+            "predict into a local output for --link, or link a local copy afterwards",
+        )
+
+
+def model_location(model_path: str | os.PathLike[str] | None) -> str:
+    """The model as every worker finds it: an absolute local path (on a shared file system),
+    or a URL; "" for none."""
+    if model_path is None:
+        return ""
+    location = Location.of(model_path)
+    return location.url if location.remote else str(location.path.resolve())
 
 
 def small_object_warning(diameter: float) -> str | None:
@@ -334,7 +370,7 @@ def method_settings(
     halos = contexts(network) if network is not None and model_path is not None else None
     return MethodSettings(
         segmentation=segmentation,
-        model_path=str(Path(model_path).resolve()) if model_path is not None else "",
+        model_path=model_location(model_path),
         network_context=context(depth) if model_path is not None else 0,
         network_halos=halos if halos is not None and len(set(halos)) > 1 else None,
         spacing=trained,
@@ -477,7 +513,7 @@ def run_method(
             raise
     start = time.perf_counter()
     if self_training is not None:
-        kept = Path(plan.output_path) / ("labels/" + plan.labels_name if plan.into_input else "")
+        kept = plan.output.path / ("labels/" + plan.labels_name if plan.into_input else "")
         details["model"] = str(keep_model(self_training.model_path, kept))
     finishing = None
     if linked is not None:
@@ -511,7 +547,7 @@ def run_method(
         time.perf_counter() - start - session.timings.get("tracks output", 0.0)
     )
     return PredictResult(
-        Path(plan.output_path),
+        plan.output if plan.output.remote else plan.output.path,
         result.objects,
         result.statistics,
         len(plan.work),

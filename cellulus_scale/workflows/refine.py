@@ -24,6 +24,7 @@ from cellulus_scale.config import (
 )
 from cellulus_scale.errors import UserInputError
 from cellulus_scale.io import ome_zarr
+from cellulus_scale.io.location import local_store
 from cellulus_scale.model.checkpoint import load_checkpoint
 from cellulus_scale.model.device import choose_device
 from cellulus_scale.model.unet import largest_valid_size_at_most
@@ -98,7 +99,7 @@ def refine(
     ``workers``, ``scheduler``, ``client``; ``prob_threshold``, ``nms_threshold``)."""
     from cellulus_scale.training.stardist import train_supervised
 
-    output = Path(output_path)
+    output = local_store(output_path, "refine")
     diameter = check_refinable(output)
     model = output / REFINED_MODEL
     work = output / "labels" / WORK_DIR
