@@ -155,6 +155,31 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str)
     return lines[0]
 
 
+@pytest.fixture(scope="module")
+def client():
+    """A local Dask cluster of 2 single-threaded workers, shared by a test module."""
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(
+        n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None
+    )
+    with Client(cluster) as dask:
+        yield dask
+    cluster.close()
+
+
+def image_digest(path: Path) -> str:
+    """The hash of every file of an image store outside its ``labels`` group (the image's
+    arrays and metadata), to check that writing labels into it changed nothing else."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        relative = file.relative_to(path)
+        if relative.parts[0] != "labels":
+            digest.update(str(relative).encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
 def tree_digest(path: Path) -> dict[str, str]:
     """SHA-256 of every file under ``path`` (or of ``path`` itself), keyed by relative path."""
     path = Path(path)

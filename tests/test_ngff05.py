@@ -4,14 +4,14 @@ the labels written into an NGFF 0.5 input in its own version, resumably."""
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
-from distributed import Client, LocalCluster
+from conftest import image_digest
+from distributed import Client
 
 from cellulus_scale.io.ome_zarr import inner_chunks, open_labels
 from cellulus_scale.simulation.simulate import SimulationSpec
@@ -42,16 +42,6 @@ def model(workdir: Path, video: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def client() -> Client:
-    cluster = LocalCluster(
-        n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None
-    )
-    with Client(cluster) as dask:
-        yield dask
-    cluster.close()
-
-
 def run(video: Path, out: Path | None, model: Path, client: Client, **options) -> Path:
     settings = {"diameter": 24, "tta": 2, "block_size": BLOCK, "progress": False}
     settings.update(options)
@@ -60,17 +50,6 @@ def run(video: Path, out: Path | None, model: Path, client: Client, **options) -
 
 def labels_of(path: Path, name: str = "cellulus") -> np.ndarray:
     return open_labels(path, name).data.compute()
-
-
-def image_hash(path: Path) -> str:
-    """The hash of every file of an image store outside its ``labels`` group."""
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        relative = file.relative_to(path)
-        if relative.parts[0] != "labels":
-            digest.update(str(relative).encode())
-            digest.update(file.read_bytes())
-    return digest.hexdigest()
 
 
 def level0_files(array: Path) -> list[Path]:
@@ -156,7 +135,7 @@ def test_labels_into_an_ngff05_input_keep_its_version_and_resume(
     assert zarr.open_group(str(reference), mode="r").metadata.zarr_format == 2
     target = workdir / "into05.zarr"
     shutil.copytree(source, target)
-    before = image_hash(target)
+    before = image_digest(target)
 
     def stop(*args, **kwargs):
         raise KeyboardInterrupt  # after the OCE stage, as Ctrl-C would
@@ -171,7 +150,7 @@ def test_labels_into_an_ngff05_input_keep_its_version_and_resume(
     )  # fmt: skip
     assert result.recomputed["oce"] == 0
     assert np.array_equal(labels_of(target), labels_of(reference))
-    assert image_hash(target) == before
+    assert image_digest(target) == before
     root = zarr.open_group(str(target), mode="r")
     assert root["labels/cellulus/0"].metadata.zarr_format == 3
     assert set(Image.from_zarr(root).labels.attributes.ome.labels) == {"ground_truth", "cellulus"}

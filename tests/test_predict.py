@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from distributed import Client, LocalCluster
+from conftest import image_digest
+from distributed import Client
 
 from cellulus_scale.evaluation.metrics import match_pairs, overlap_table
 from cellulus_scale.io.ome_zarr import open_labels
@@ -41,16 +42,6 @@ def model(workdir: Path, video: Path) -> Path:
     path = workdir / "model.pt"
     train(video, path, preset="cpu", epochs=1, min_crops_per_epoch=480, progress=False, seed=0)
     return path
-
-
-@pytest.fixture(scope="module")
-def client() -> Client:
-    cluster = LocalCluster(
-        n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None
-    )
-    with Client(cluster) as dask:
-        yield dask
-    cluster.close()
 
 
 def run(video: Path, model: Path, out: Path, client: Client, **options) -> Path:
@@ -106,17 +97,6 @@ def test_saved_embeddings_change_no_label_and_the_compact_scratch_is_removed(
     assert (saved / "embeddings" / "0").exists()
 
 
-def raw_hash(path: Path) -> str:
-    """The hash of every file of an image store outside its ``labels`` group."""
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        relative = file.relative_to(path)
-        if relative.parts[0] != "labels":
-            digest.update(str(relative).encode())
-            digest.update(file.read_bytes())
-    return digest.hexdigest()
-
-
 def test_into_input_writes_only_the_inputs_labels_group(video, model, workdir, client):
     from ome_zarr_models.v04 import Image, ImageLabel, Labels
 
@@ -125,7 +105,7 @@ def test_into_input_writes_only_the_inputs_labels_group(video, model, workdir, c
         run(video, model, reference, client, block_size=128)
     target = workdir / "into.zarr"
     shutil.copytree(video, target)
-    before = raw_hash(target)
+    before = image_digest(target)
     predict(
         target,
         None,
@@ -137,7 +117,7 @@ def test_into_input_writes_only_the_inputs_labels_group(video, model, workdir, c
         progress=False,
         into_input=True,
     )
-    assert raw_hash(target) == before  # the image and its metadata, byte for byte
+    assert image_digest(target) == before  # the image and its metadata, byte for byte
     assert np.array_equal(labels_of(target), labels_of(reference))
     root = zarr.open_group(str(target), mode="r")
     Image.from_zarr(root)
@@ -150,7 +130,7 @@ def test_into_input_writes_only_the_inputs_labels_group(video, model, workdir, c
         "--overwrite",
     )
     expect_refusal(cli("predict", target, "--model", model, "--diameter", "24"), "--into-input")
-    assert raw_hash(target) == before
+    assert image_digest(target) == before
 
 
 def test_an_interrupted_run_into_the_input_resumes_to_the_same_labels(
@@ -163,7 +143,7 @@ def test_an_interrupted_run_into_the_input_resumes_to_the_same_labels(
         run(video, model, reference, client, block_size=128)
     target = workdir / "into_resumed.zarr"
     shutil.copytree(video, target)
-    before = raw_hash(target)
+    before = image_digest(target)
     options = dict(diameter=24, tta=4, block_size=128, client=client, progress=False)
 
     def stop(*args, **kwargs):
@@ -178,7 +158,7 @@ def test_an_interrupted_run_into_the_input_resumes_to_the_same_labels(
     result = predict(target, None, model, into_input=True, resume=True, **options)
     assert result.recomputed["oce"] == 0
     assert np.array_equal(labels_of(target), labels_of(reference))
-    assert raw_hash(target) == before
+    assert image_digest(target) == before
 
 
 def test_labels_do_not_depend_on_block_size(video, model, workdir, client):

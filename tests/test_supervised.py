@@ -13,7 +13,7 @@ import pytest
 import torch
 from cellulus_scale.cli.main import main as cli
 from click.testing import CliRunner
-from distributed import Client, LocalCluster
+from distributed import Client
 
 from cellulus_scale.config import ModelConfig
 from cellulus_scale.errors import UserInputError
@@ -251,16 +251,6 @@ def test_resume_after_an_interrupt_is_exact(
 
 
 # --- blockwise prediction --------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def client() -> Iterator[Client]:
-    cluster = LocalCluster(
-        n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None
-    )
-    with Client(cluster) as dask:
-        yield dask
-    cluster.close()
 
 
 def test_labels_do_not_depend_on_block_size(

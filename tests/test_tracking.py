@@ -75,16 +75,6 @@ def tracks_of(store: Path) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def client() -> Client:
-    cluster = LocalCluster(
-        n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None
-    )
-    with Client(cluster) as dask_client:
-        yield dask_client
-    cluster.close()
-
-
-@pytest.fixture(scope="module")
 def scenario(tmp_path_factory: pytest.TempPathFactory, client: Client) -> Path:
     store = label_store(tmp_path_factory.mktemp("scenario") / "video.zarr", scenario_video())
     link(store, client=client, progress=False)

@@ -40,10 +40,15 @@ def local_store(path: str | os.PathLike[str], command: str) -> Path:
     return Path(path)
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+#: Read once: os.umask is process-wide, and setting it per write would change it for a moment
+#: under every other thread of a worker.
+_UMASK = _read_umask()
 
 
 @dataclass(frozen=True)
@@ -86,12 +91,6 @@ class Location:
     @property
     def stem(self) -> str:
         return Path(self.name).stem
-
-    @property
-    def parent(self) -> Location:
-        if self.remote:
-            return Location(self.url.rstrip("/").rsplit("/", 1)[0])
-        return Location(str(Path(self.url).parent))
 
     @property
     def path(self) -> Path:
@@ -182,7 +181,7 @@ class Location:
             try:
                 with os.fdopen(handle, "wb") as file:
                     file.write(data)
-                os.chmod(temporary, 0o666 & ~_umask())  # as open() would have made it
+                os.chmod(temporary, 0o666 & ~_UMASK)  # as open() would have made it
                 os.replace(temporary, self.path)
             except BaseException:
                 with contextlib.suppress(OSError):
@@ -191,12 +190,3 @@ class Location:
             return
         fs, path = self._fs()
         fs.pipe_file(path, data)
-
-    def upload(self, source: Path) -> None:
-        """Copy the local file ``source`` here."""
-        if not self.remote:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, self.path)
-            return
-        fs, path = self._fs()
-        fs.put_file(str(source), path)

@@ -848,7 +848,8 @@ def finish_labels(
     )
     # ome-zarr-py 0.18 leaves the version out of an NGFF 0.5 labels group, which the
     # specification (and ome-zarr-models) require: written again, with it
-    put_ngff_attrs(labels_group, ngff_attrs(labels_group))
+    if labels_group.metadata.zarr_format == 3:
+        put_ngff_attrs(labels_group, ngff_attrs(labels_group))
 
 
 def unlist_labels(root: zarr.Group, name: str) -> None:
