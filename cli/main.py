@@ -7,7 +7,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import click
 
@@ -17,6 +17,7 @@ from cellulus_scale.config import (
     NGFF_VERSIONS,
     PRECISIONS,
     SELF_TRAINING_CPU_MINUTES,
+    NucleusThreshold,
     SegmentationConfig,
     TrackingConfig,
     default_of,
@@ -458,11 +459,12 @@ def train_supervised(image: Path, model: Path, **options: Any) -> None:
 )
 @click.option(
     "--nucleus-threshold",
-    type=click.Choice(["otsu", "log-otsu"]),
+    type=click.Choice(list(get_args(NucleusThreshold))),
     default=default_of(SegmentationConfig, "nucleus_threshold"),
     show_default=True,
-    help="--mode nucleus: Otsu of each object's intensities, or of their logarithm (keeps the"
-    " dim, blurred rims of bright, textured nuclei).",
+    help="--mode nucleus: the threshold of each object's intensities: Otsu's, Otsu's of their"
+    " logarithm, or Li's minimum cross-entropy (keeps dim, blurred rims); auto: Otsu in 2D, Li"
+    " in 3D.",
 )
 @click.option("--threshold", type=float, default=None, help="Foreground std threshold (Otsu).")
 @click.option(

@@ -10,7 +10,8 @@ Prints, for simulated videos of --shape and each --frames count:
   the halo overhead of the chosen block size;
 - the whole run against the network-only limit: total seconds per megapixel over those of the
   plain forward passes on the same workers (issue 19's ratio);
-- the peak resident memory of the worker processes.
+- the peak resident memory of the worker processes and of the scheduler, and the seconds per
+  frame (issue 19's scaling table: ``--shape 64,64 --frames 10,100,1000``).
 
 Example:
     python examples/benchmark_predict.py --shape 512,512 --frames 10,100 --tta 8
@@ -54,6 +55,18 @@ def peak_worker_memory(client) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     return max(client.run(peak).values())
+
+
+def scheduler_memory(client) -> float:
+    """The scheduler's resident memory (MB) at the end of a run, from its own process (with a
+    LocalCluster the process that also runs this script and the client)."""
+
+    def resident() -> float:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+
+    return client.run_on_scheduler(resident)
 
 
 def plain_forward_rate(model_path: Path, passes: int, threads: int, tile: int = 512) -> float:
@@ -112,7 +125,8 @@ def main() -> None:
             "seconds per megapixel of video, per stage; net-efficiency = blockwise OCE throughput"
             " / plain batched forward passes\n"
             "frames    network  statistic  clusterin  stitching  postproc.  write-lab   pyramids"
-            "    total  net-efficiency  total/network-only  peak-worker-MB"
+            "    total  net-efficiency  total/network-only  peak-worker-MB  scheduler-MB"
+            "  s/frame"
         )
         for frames in (int(v) for v in args.frames.split(",")):
             video = write_simulation(
@@ -138,6 +152,7 @@ def main() -> None:
                     clustering=args.clustering,
                 )
                 memory = peak_worker_memory(client)
+                scheduler = scheduler_memory(client)
             cluster.close()
             megapixels = frames * shape[0] * shape[1] / 1e6
             stages = [
@@ -156,6 +171,7 @@ def main() -> None:
                 + "  ".join(f"{v:8.2f}" for v in per)
                 + f"  {sum(per):6.2f}  {efficiency:17.2f}"
                 + f"  {sum(per) / (1e6 / forward):18.2f}  {memory:14.0f}"
+                + f"  {scheduler:12.0f}  {sum(per) * megapixels / frames:7.3f}"
             )
 
 

@@ -13,7 +13,7 @@ import pytest
 import zarr
 from scipy import ndimage
 
-from cellulus_scale.config import PRESETS, ModelConfig
+from cellulus_scale.config import PRESETS, ModelConfig, SegmentationConfig
 from cellulus_scale.errors import UserInputError
 from cellulus_scale.io.ome_zarr import open_image, voxel_spacing
 from cellulus_scale.kernels.clustering import embeddings_of, postprocess
@@ -105,17 +105,35 @@ def test_physical_embeddings_and_sizes() -> None:
     assert (physical > 0).sum() == 3 * (voxels > 0).sum() > 0
 
 
-def test_log_otsu_keeps_the_dim_rim_of_a_bright_textured_nucleus() -> None:
+def test_log_otsu_and_li_keep_the_dim_rim_of_a_bright_textured_nucleus() -> None:
     """A nucleus with a bright core, a dim rim and background around it: Otsu of the
-    intensities splits core from rim, Otsu of their logarithm keeps the rim."""
+    intensities splits core from rim, Otsu of their logarithm and Li's threshold keep the rim;
+    'auto' is Otsu in 2D and Li in 3D."""
     grid = np.indices((24, 24)) - 11.5
     radius = np.hypot(*grid)
     intensity = np.where(radius < 5, 2000.0, np.where(radius < 9, 400.0, 100.0))
     labels = (radius < 11).astype(np.uint32)
     plain = postprocess(labels, intensity, "nucleus", 0, 0, 0)
-    logged = postprocess(labels, intensity, "nucleus", 0, 0, 0, log_threshold=True)
+    logged = postprocess(labels, intensity, "nucleus", 0, 0, 0, nucleus_threshold="log-otsu")
     assert (plain > 0).sum() == (radius < 5).sum()
     assert (logged > 0).sum() == (radius < 9).sum()
+    # a loose object (nucleus and background, as on anisotropic stacks) around a blurred nucleus
+    # with two bright chromocentres: Otsu keeps a chromocentre, Li the nucleus
+    grid = np.indices((32, 32)) - 15.5
+    radius = np.hypot(*grid)
+    spots = (np.hypot(grid[0] - 3, grid[1] + 2) < 2.5) | (np.hypot(grid[0] + 3, grid[1] - 3) < 2.5)
+    for blur in (0, 1, 2):
+        bright = np.where(spots, 2000.0, np.where(radius < 9, 400.0, 0.0))
+        intensity = 100.0 + ndimage.gaussian_filter(bright, blur)
+        labels = (radius < 14).astype(np.uint32)
+        plain = postprocess(labels, intensity, "nucleus", 0, 0, 0)
+        li = postprocess(labels, intensity, "nucleus", 0, 0, 0, nucleus_threshold="li")
+        assert (plain > 0).sum() <= 150
+        assert abs(int((li > 0).sum()) - int((radius < 9).sum())) <= 3
+    settings = SegmentationConfig(diameter=10.0)
+    assert (settings.object_threshold(2), settings.object_threshold(3)) == ("otsu", "li")
+    chosen = SegmentationConfig(diameter=10.0, nucleus_threshold="log-otsu")
+    assert chosen.object_threshold(3) == "log-otsu"
 
 
 def test_anisotropic_video_end_to_end_through_the_cli(thin: Path, tmp_path: Path) -> None:

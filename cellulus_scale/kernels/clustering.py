@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
-from skimage.filters import threshold_otsu
+from skimage.filters import threshold_li, threshold_otsu
 from sklearn.cluster import MeanShift
 
 from cellulus_scale.kernels.noise import position_uniform
@@ -170,9 +170,12 @@ def postprocess_cell(
     return result
 
 
-def postprocess_nucleus(labels: np.ndarray, intensity: np.ndarray, log: bool = False) -> np.ndarray:
-    """'nucleus' mode: inside each instance keep pixels above its Otsu intensity threshold
-    (with ``log``, Otsu of the log intensities), then fill holes."""
+def postprocess_nucleus(
+    labels: np.ndarray, intensity: np.ndarray, threshold: str = "otsu"
+) -> np.ndarray:
+    """'nucleus' mode: inside each instance keep pixels above its intensity threshold
+    (``threshold``: 'otsu', 'log-otsu' or 'li', see :func:`object_threshold`), then fill
+    holes."""
     result = np.zeros_like(labels)
     for index, region in enumerate(ndimage.find_objects(labels), start=1):
         if region is None:
@@ -182,16 +185,21 @@ def postprocess_nucleus(labels: np.ndarray, intensity: np.ndarray, log: bool = F
         if values.size < 2 or values.min() == values.max():
             kept = mask
         else:
-            kept = mask & (intensity[region] > _nucleus_threshold(values, log))
+            kept = mask & (intensity[region] > object_threshold(values, threshold))
             kept = ndimage.binary_fill_holes(kept) & (mask | ndimage.binary_fill_holes(mask))
         result[region][kept] = index
     return result
 
 
-def _nucleus_threshold(values: np.ndarray, log: bool) -> float:
-    """Otsu's threshold of ``values``, or of their logarithm (shifted to start at 1)."""
-    if not log:
+def object_threshold(values: np.ndarray, method: str) -> float:
+    """The intensity threshold of one object's ``values``: Otsu's ('otsu'), Otsu's of their
+    logarithm shifted to start at 1 ('log-otsu'), or Li's minimum cross-entropy ('li')."""
+    if method == "otsu":
         return float(threshold_otsu(values))
+    if method == "li":
+        return float(threshold_li(values))
+    if method != "log-otsu":
+        raise ValueError(f"unknown nucleus threshold {method!r}")
     low = float(values.min())
     return float(np.expm1(threshold_otsu(np.log1p(values - low)))) + low
 
@@ -270,21 +278,21 @@ def postprocess(
     ring: int = 0,
     min_contrast: float | None = None,
     sampling: Sequence[float] | None = None,
-    log_threshold: bool = False,
+    nucleus_threshold: str = "otsu",
 ) -> np.ndarray:
     """Post-process instance labels of a region (any IDs): shape by ``mode``, then keep each
     object's largest connected part, drop objects under ``min_size`` (voxels) and, with
     ``min_contrast``, objects whose mean intensity stands less than ``min_contrast`` standard
     deviations above their surroundings (:func:`object_contrast` with ``ring``). ``sampling``:
     the voxel size per axis, so that distances are physical (None: isotropic);
-    ``log_threshold``: 'nucleus' mode thresholds the log intensities."""
+    ``nucleus_threshold``: 'nucleus' mode's threshold in each object (:func:`object_threshold`)."""
     compact, ids = relabel_sequential_ids(labels)
     if mode == "cell":
         compact = postprocess_cell(compact, grow, shrink, sampling)
     elif mode == "nucleus":
         if intensity is None:
             raise ValueError("nucleus mode needs the intensity image")
-        compact = postprocess_nucleus(compact, intensity, log_threshold)
+        compact = postprocess_nucleus(compact, intensity, nucleus_threshold)
     if mode != "none":
         compact = keep_largest_components(compact)
     sizes = np.bincount(compact.ravel(), minlength=len(ids))
