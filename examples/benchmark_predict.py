@@ -9,7 +9,10 @@ Prints, for simulated videos of --shape and each --frames count:
   plain batched forward pass over the same number of output pixels (same TTA passes), and
   the halo overhead of the chosen block size;
 - the whole run against the network-only limit: total seconds per megapixel over those of the
-  plain forward passes on the same workers (issue 19's ratio);
+  plain forward passes (issue 19's ratio), the passes timed two ways: in one process, times
+  the number of workers (``total/network-only``), and on all the run's workers at once
+  (``total/concurrent``: the cores' real limit, as the workers share caches and memory
+  bandwidth);
 - the peak resident memory of the worker processes and of the scheduler, and the seconds per
   frame (issue 19's scaling table: ``--shape 64,64 --frames 10,100,1000``).
 
@@ -114,6 +117,7 @@ def main() -> None:
             progress=False,
         )
         forward = plain_forward_rate(model, args.tta, 1) * args.workers
+        concurrent = None
         print(
             f"# shape {shape}, block {args.block_size}, tta {args.tta}, preset {args.preset},"
             f" {args.workers} workers x 1 thread, clustering {args.clustering}"
@@ -125,7 +129,8 @@ def main() -> None:
             "seconds per megapixel of video, per stage; net-efficiency = blockwise OCE throughput"
             " / plain batched forward passes\n"
             "frames    network  statistic  clusterin  stitching  postproc.  write-lab   pyramids"
-            "    total  net-efficiency  total/network-only  peak-worker-MB  scheduler-MB"
+            "    total  net-efficiency  total/network-only  total/concurrent  peak-worker-MB"
+            "  scheduler-MB"
             "  s/frame"
         )
         for frames in (int(v) for v in args.frames.split(",")):
@@ -152,6 +157,13 @@ def main() -> None:
                     clustering=args.clustering,
                 )
                 memory = peak_worker_memory(client)
+                if concurrent is None:  # plain passes on every worker at once
+                    rates = client.run(plain_forward_rate, model, args.tta, 1)
+                    concurrent = sum(rates.values())
+                    print(
+                        f"plain passes: {1e6 / forward:.2f} s/Mpx in one process x"
+                        f" {args.workers}, {1e6 / concurrent:.2f} s/Mpx on the workers at once"
+                    )
                 scheduler = scheduler_memory(client)
             cluster.close()
             megapixels = frames * shape[0] * shape[1] / 1e6
@@ -170,7 +182,8 @@ def main() -> None:
                 f"{frames:6d}  "
                 + "  ".join(f"{v:8.2f}" for v in per)
                 + f"  {sum(per):6.2f}  {efficiency:17.2f}"
-                + f"  {sum(per) / (1e6 / forward):18.2f}  {memory:14.0f}"
+                + f"  {sum(per) / (1e6 / forward):18.2f}  {sum(per) / (1e6 / concurrent):16.2f}"
+                + f"  {memory:14.0f}"
                 + f"  {scheduler:12.0f}  {sum(per) * megapixels / frames:7.3f}"
             )
 
