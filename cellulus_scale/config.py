@@ -16,6 +16,7 @@ from cellulus_scale.errors import UserInputError
 Damping = Literal["seed", "reference"]
 Mode = Literal["cell", "nucleus", "none"]
 NucleusThreshold = Literal["auto", "otsu", "log-otsu", "li"]
+StdThreshold = Literal["otsu", "log-otsu"]
 Precision = Literal["float32", "tf32", "bfloat16"]
 PRECISIONS: tuple[str, ...] = ("float32", "tf32", "bfloat16")
 
@@ -268,6 +269,9 @@ class SegmentationConfig:
     noise_values: tuple[float, ...] = (0.5, 1.0)
     fit_fraction: float = 0.1
     threshold: float | None = None
+    # The foreground rule: Otsu's threshold of the embeddings' std over the video, of the std
+    # itself ('otsu', the paper's) or of its logarithm ('log-otsu').
+    std_threshold: StdThreshold = "otsu"
     # Chosen on real data (README, "Accuracy on real images"): nucleus outlines from the
     # intensity inside each object; 'cell' (the paper's grow/shrink) cuts nuclei short there.
     mode: Mode = "nucleus"
@@ -310,6 +314,10 @@ class SegmentationConfig:
             raise UserInputError(
                 f"unknown nucleus threshold '{self.nucleus_threshold}'",
                 "use auto, otsu, log-otsu or li",
+            )
+        if self.std_threshold not in get_args(StdThreshold):
+            raise UserInputError(
+                f"unknown std threshold '{self.std_threshold}'", "use otsu or log-otsu"
             )
         if self.precision not in PRECISIONS:
             raise UserInputError(

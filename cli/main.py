@@ -19,6 +19,7 @@ from cellulus_scale.config import (
     SELF_TRAINING_CPU_MINUTES,
     NucleusThreshold,
     SegmentationConfig,
+    StdThreshold,
     TrackingConfig,
     default_of,
 )
@@ -467,6 +468,14 @@ def train_supervised(image: Path, model: Path, **options: Any) -> None:
     " in 3D.",
 )
 @click.option("--threshold", type=float, default=None, help="Foreground std threshold (Otsu).")
+@click.option(
+    "--std-threshold",
+    type=click.Choice(list(get_args(StdThreshold))),
+    default=default_of(SegmentationConfig, "std_threshold"),
+    show_default=True,
+    help="The foreground rule without --threshold: Otsu's threshold of the embeddings' std over"
+    " the video, or of its logarithm.",
+)
 @click.option(
     "--min-contrast",
     type=OptionalFloat(),

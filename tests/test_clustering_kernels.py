@@ -98,3 +98,29 @@ def test_compact_oces_keep_offsets_to_half_a_step_and_foreground_exactly() -> No
         assert np.array_equal(foreground, std < HIST_EDGES[snapped])
     _, foreground = compact.decode(compact.encode(offsets, std, step, HIST_EDGES, 16, 5.0), step, 1)
     assert np.array_equal(foreground, std < 5.0)
+
+
+def test_std_threshold_of_the_logarithm_separates_a_small_foreground() -> None:
+    """The foreground rule on a pooled std histogram where 3% of the pixels are foreground (std
+    around 1) and the rest background (std around 8, spread like real background): Otsu of the
+    std falls inside the background's bulk, Otsu of its logarithm between the two modes."""
+    from types import SimpleNamespace
+
+    from cellulus_scale.config import SegmentationConfig
+    from cellulus_scale.methods.centres import HIST_EDGES, compute_statistics
+
+    rng = np.random.default_rng(0)
+    std = np.concatenate(
+        [rng.lognormal(np.log(1.0), 0.6, 3_000), rng.lognormal(np.log(8.0), 0.3, 97_000)]
+    )
+    counts = np.bincount(np.searchsorted(HIST_EDGES, std) - 1, minlength=len(HIST_EDGES) - 1)
+    thresholds = {}
+    for rule in ("otsu", "log-otsu"):
+        settings = SimpleNamespace(segmentation=SegmentationConfig(28.0, std_threshold=rule))
+        plan = SimpleNamespace(method="oce", settings=settings, spatial_dims=2, frames=1)
+        totals = SimpleNamespace(
+            counts=counts, sums=np.zeros((2, len(counts))), signal=[True], bins_per_code=1
+        )
+        thresholds[rule] = compute_statistics(plan, totals).threshold
+    assert thresholds["otsu"] > 4.0  # in the background's bulk
+    assert 2.0 < thresholds["log-otsu"] < 4.0  # between the modes

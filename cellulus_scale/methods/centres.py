@@ -46,7 +46,8 @@ class HistogramTotals:
 
 
 def compute_statistics(plan: Plan, totals: HistogramTotals) -> Statistics:
-    """Otsu threshold on the pooled std histogram and the mean foreground offset (per video)."""
+    """Otsu threshold on the pooled std histogram (of the std or of its logarithm) and the mean
+    foreground offset (per video)."""
     from skimage.filters import threshold_otsu
 
     counts, signal = totals.counts, totals.signal
@@ -73,8 +74,11 @@ def compute_statistics(plan: Plan, totals: HistogramTotals) -> Statistics:
         if hi - lo < 2:
             last = hi - 1
         else:
-            otsu = threshold_otsu(hist=(counts[lo:hi], centres[lo:hi]))
-            last = lo + int(np.searchsorted(centres[lo:hi], otsu, side="left"))
+            values = centres[lo:hi]
+            if plan.settings.segmentation.std_threshold == "log-otsu":
+                values = np.log(values)
+            otsu = threshold_otsu(hist=(counts[lo:hi], values))
+            last = lo + int(np.searchsorted(values, otsu, side="left"))
         last = snapped_edge(last + 1, totals.bins_per_code) - 1
         threshold = float(HIST_EDGES[last + 1])
     foreground = counts[: last + 1].sum()
