@@ -414,7 +414,14 @@ def train_supervised(image: Path, model: Path, **options: Any) -> None:
     "--diameter",
     type=float,
     default=None,
-    help="Typical object diameter in pixels (default: estimated from the image).",
+    help="Typical object diameter in pixels, or in --diameter-unit (default: estimated from"
+    " the image).",
+)
+@click.option(
+    "--diameter-unit",
+    default=None,
+    help="The unit of --diameter, an NGFF space unit such as micrometer: converted with the"
+    " image's x pixel size (its NGFF scale, or --voxel-size taken in this unit).",
 )
 @click.option(
     "--train-minutes",

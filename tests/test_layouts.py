@@ -10,7 +10,14 @@ import json
 import numpy as np
 import pytest
 import zarr
-from conftest import LAYOUT_OMERO, LAYOUT_SCALE, LAYOUT_TRANSLATION, LAYOUT_UNITS, LAYOUTS
+from conftest import (
+    LAYOUT_OMERO,
+    LAYOUT_SCALE,
+    LAYOUT_TRANSLATION,
+    LAYOUT_UNITS,
+    LAYOUTS,
+    assert_one_line_error,
+)
 from ome_zarr_models.v04 import Image, ImageLabel, Labels
 
 from cellulus_scale.io import ome_zarr as ome_io
@@ -123,3 +130,34 @@ def test_readers_of_the_labels_take_both_layouts(predicted, tmp_path, run_cli):
     crop, probability, _, _ = crops[0]
     assert crop.shape[0] == image.canonical_shape[1]
     assert probability.shape == (size - 8,) * image.spatial_dims
+
+
+def test_diameter_in_physical_units(layout_store, simulated_store, tmp_path, run_cli):
+    """--diameter-unit: a diameter in micrometres becomes in-plane pixels through the image's
+    NGFF scale and unit (0.5 micrometer per pixel: 8 micrometres are 16 px), through the CLI
+    end to end; the library converts any NGFF space unit and takes --voxel-size in that unit;
+    an image without units, an unknown unit and a unit without a diameter are refused."""
+    store = layout_store("tzyx")
+    out = tmp_path / "out.zarr"
+    result = run_cli(
+        "predict", store, out, "--method", "watershed", "--diameter", "8",
+        "--diameter-unit", "micrometer", "--workers", "1",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert ome_io.run_status(out)["diameter"] == pytest.approx(8 / LAYOUT_SCALE["x"])
+    image = ome_io.open_image(store)
+    assert ome_io.diameter_in_pixels(image, 8000, "nanometer") == pytest.approx(16.0)
+    assert ome_io.diameter_in_pixels(image, 8, "micrometer", (2.0, 0.25, 0.25)) == 32.0
+    plain = run_cli(
+        "predict", simulated_store, tmp_path / "p.zarr", "--method", "watershed",
+        "--diameter", "8", "--diameter-unit", "micrometer",
+    )  # fmt: skip
+    assert_one_line_error(plain, "no unit", "--diameter in pixels")
+    unknown = run_cli(
+        "predict", store, tmp_path / "u.zarr", "--method", "watershed", "--diameter", "8",
+        "--diameter-unit", "microns",
+    )  # fmt: skip
+    assert_one_line_error(unknown, "unknown --diameter-unit", "micrometer")
+    alone = run_cli("predict", store, tmp_path / "a.zarr", "--diameter-unit", "micrometer")
+    assert_one_line_error(alone, "needs --diameter")
+    assert not any((tmp_path / name).exists() for name in ("p.zarr", "u.zarr", "a.zarr"))

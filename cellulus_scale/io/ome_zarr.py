@@ -357,6 +357,45 @@ def open_image(path: str | os.PathLike[str] | Location, axes: str | None = None)
     )
 
 
+#: Metres per NGFF space unit: a diameter given in one unit is converted into the image's.
+METRES_PER_UNIT = {
+    "yoctometer": 1e-24, "zeptometer": 1e-21, "attometer": 1e-18, "femtometer": 1e-15,
+    "picometer": 1e-12, "angstrom": 1e-10, "nanometer": 1e-9, "micrometer": 1e-6,
+    "millimeter": 1e-3, "centimeter": 1e-2, "decimeter": 0.1, "meter": 1.0, "hectometer": 1e2,
+    "kilometer": 1e3, "megameter": 1e6, "gigameter": 1e9, "terameter": 1e12,
+    "petameter": 1e15, "exameter": 1e18, "zettameter": 1e21, "yottameter": 1e24,
+    "inch": 0.0254, "foot": 0.3048, "yard": 0.9144, "mile": 1609.344,
+    "parsec": 3.0856775814913673e16,
+}  # fmt: skip
+
+
+def diameter_in_pixels(
+    image: OmeImage,
+    diameter: float,
+    unit: str,
+    voxel_size: Sequence[float] | None = None,
+) -> float:
+    """A ``diameter`` given in ``unit`` (an NGFF space unit) as in-plane pixels: divided by the
+    x pixel's size, from ``voxel_size`` (Z,Y,X, taken in ``unit``) or else from the image's NGFF
+    scale and the x axis' unit."""
+    if unit not in METRES_PER_UNIT:
+        raise UserInputError(
+            f"unknown --diameter-unit '{unit}'", "use an NGFF space unit such as micrometer"
+        )
+    if voxel_size is not None:
+        return float(diameter) / float(voxel_size[-1])
+    space = image.space
+    x = space.axes.find("x")
+    axis_unit = space.units[x] if x >= 0 else None
+    if axis_unit is None:
+        raise UserInputError(
+            f"--diameter-unit {unit}: the x axis of {image.path} has no unit in its NGFF metadata",
+            "give --diameter in pixels, or --voxel-size Z,Y,X in that unit",
+        )
+    in_axis_unit = float(diameter) * METRES_PER_UNIT[unit] / METRES_PER_UNIT[axis_unit]
+    return in_axis_unit / float(space.scale[x])
+
+
 def voxel_spacing(
     image: OmeImage, voxel_size: Sequence[float] | None = None
 ) -> tuple[float, ...] | None:

@@ -78,6 +78,7 @@ def predict(
     model_path: str | os.PathLike[str] | None = None,
     diameter: float | None = None,
     method: str = "cellulus",
+    diameter_unit: str | None = None,
     block_size: int | None = None,
     tta: int = default_of(SegmentationConfig, "tta_passes"),
     mode: str = default_of(SegmentationConfig, "mode"),
@@ -126,7 +127,8 @@ def predict(
     schedule on a GPU) and kept as ``OUT.zarr/model.pt``. Without ``diameter`` the typical
     object diameter is estimated from the image
     (:func:`~cellulus_scale.workflows.diameter.estimate_diameter`). Both are recorded in the
-    output's metadata.
+    output's metadata. ``diameter`` is in in-plane pixels, or in ``diameter_unit`` (an NGFF
+    space unit such as "micrometer", converted with the image's x pixel size).
 
     The cluster: ``client`` if given; else the scheduler at ``scheduler`` or named by
     ``scheduler_file`` (a ``tls://`` one with the PEM files ``tls_ca_file``, ``tls_cert`` and
@@ -189,6 +191,13 @@ def predict(
             tuple(voxel_size) if voxel_size is not None else None,
         )
         model_path = self_training.model_path
+    if diameter_unit is not None:
+        if diameter is None:
+            raise UserInputError(
+                "--diameter-unit needs --diameter", "give --diameter D with its unit, e.g. 8"
+            )
+        diameter = ome_zarr.diameter_in_pixels(image, diameter, diameter_unit, voxel_size)
+        _say(progress, f"object diameter: {diameter:.1f} px")
     estimated = diameter is None
     if diameter is None:
         found = estimate_diameter(input_path, axes, spacing)
