@@ -78,13 +78,11 @@ def predict(
     model_path: str | os.PathLike[str] | None = None,
     diameter: float | None = None,
     method: str = "cellulus",
-    diameter_unit: str | None = None,
     block_size: int | None = None,
     tta: int = default_of(SegmentationConfig, "tta_passes"),
     mode: str = default_of(SegmentationConfig, "mode"),
     nucleus_threshold: str = default_of(SegmentationConfig, "nucleus_threshold"),
     threshold: float | None = None,
-    std_threshold: str = default_of(SegmentationConfig, "std_threshold"),
     min_contrast: float | None = default_of(SegmentationConfig, "min_contrast"),
     clustering: str = default_of(SegmentationConfig, "clustering"),
     precision: str = default_of(SegmentationConfig, "precision"),
@@ -115,6 +113,8 @@ def predict(
     into_input: bool = False,
     labels_name: str = LABELS_NAME,
     ngff_version: str | None = None,
+    diameter_unit: str | None = None,
+    std_threshold: str = default_of(SegmentationConfig, "std_threshold"),
 ) -> PredictResult:
     """Segment every frame of an OME-Zarr image blockwise on Dask; write ``out.zarr`` with a
     copy of the image and the instance labels ``labels/cellulus`` (NGFF 0.4). With ``link``,
