@@ -160,9 +160,11 @@ def main() -> None:
                 if concurrent is None:  # plain passes on every worker at once
                     rates = client.run(plain_forward_rate, model, args.tta, 1)
                     concurrent = sum(rates.values())
+                    threaded = plain_forward_rate(model, args.tta, args.workers)
                     print(
                         f"plain passes: {1e6 / forward:.2f} s/Mpx in one process x"
-                        f" {args.workers}, {1e6 / concurrent:.2f} s/Mpx on the workers at once"
+                        f" {args.workers}, {1e6 / concurrent:.2f} s/Mpx on the workers at once,"
+                        f" {1e6 / threaded:.2f} s/Mpx in one process of {args.workers} threads"
                     )
                 scheduler = scheduler_memory(client)
             cluster.close()
