@@ -330,7 +330,7 @@ class SegmentationConfig:
                     f"use e.g. --{name}-threshold {0.5 if name == 'prob' else 0.4}",
                 )
 
-    def object_threshold(self, spatial_dims: int) -> str:
+    def nucleus_threshold_for(self, spatial_dims: int) -> str:
         """'nucleus' mode's threshold inside each object for images of ``spatial_dims``."""
         if self.nucleus_threshold != "auto":
             return self.nucleus_threshold

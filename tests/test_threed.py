@@ -131,9 +131,9 @@ def test_log_otsu_and_li_keep_the_dim_rim_of_a_bright_textured_nucleus() -> None
         assert (plain > 0).sum() <= 150
         assert abs(int((li > 0).sum()) - int((radius < 9).sum())) <= 3
     settings = SegmentationConfig(diameter=10.0)
-    assert (settings.object_threshold(2), settings.object_threshold(3)) == ("otsu", "li")
+    assert (settings.nucleus_threshold_for(2), settings.nucleus_threshold_for(3)) == ("otsu", "li")
     chosen = SegmentationConfig(diameter=10.0, nucleus_threshold="log-otsu")
-    assert chosen.object_threshold(3) == "log-otsu"
+    assert chosen.nucleus_threshold_for(3) == "log-otsu"
 
 
 def test_anisotropic_video_end_to_end_through_the_cli(thin: Path, tmp_path: Path) -> None:

@@ -215,7 +215,7 @@ def label_block(
         seg.contrast_ring,
         seg.min_contrast,
         spacing,
-        seg.object_threshold(plan.spatial_dims),
+        seg.nucleus_threshold_for(plan.spatial_dims),
     )
     core_labels = labels[block.inner(region)]
     clock["post-processing"] = time.perf_counter()
