@@ -274,6 +274,8 @@ class SegmentationConfig:
     std_threshold: StdThreshold = "otsu"
     # Chosen on real data (README, "Accuracy on real images"): nucleus outlines from the
     # intensity inside each object; 'cell' (the paper's grow/shrink) cuts nuclei short there.
+    # StarDist models too, their polygons grown by d/4 first: chosen on real data (README,
+    # "Supervised refinement", the table "The teacher's outline rule on the student's objects").
     mode: Mode = "nucleus"
     # 'nucleus' mode's threshold inside each object: Otsu of the intensities (the paper), of
     # their logarithm ('log-otsu'), or Li's minimum cross-entropy ('li'). 'auto' (the default) is

@@ -463,7 +463,9 @@ def train_supervised(image: Path, model: Path, **options: Any) -> None:
     type=click.Choice(["cell", "nucleus", "none"]),
     default=default_of(SegmentationConfig, "mode"),
     show_default=True,
-    help="Post-processing.",
+    help="Post-processing: nucleus keeps, in each object, the pixels above its intensity "
+    "threshold (StarDist polygons grown by d/4 first); cell grows and erodes Cellulus' objects; "
+    "none keeps them (and StarDist polygons) as found.",
 )
 @click.option(
     "--nucleus-threshold",
@@ -567,7 +569,8 @@ def train_supervised(image: Path, model: Path, **options: Any) -> None:
     "--max-distance",
     type=float,
     default=None,
-    help="With --link: largest move (px) between frames (default: the median object's diameter).",
+    help="With --link: largest move between frames, in in-plane pixels (z moves count with the "
+    "voxel size; default: the median object's diameter).",
 )
 @click.option(
     "--into-input",
@@ -633,7 +636,8 @@ def _report_tracks(store: Path, tracks: dict[str, Any]) -> None:
     "--max-distance",
     type=float,
     default=None,
-    help="Largest move (px) between frames (default: the median object's diameter).",
+    help="Largest move between frames, in in-plane pixels (z moves count with the voxel size; "
+    "default: the median object's diameter).",
 )
 @click.option(
     "--block-size", type=int, default=None, help="Block side (default: the labels' chunks)."

@@ -72,6 +72,23 @@ def test_3d_balls():
     assert labels[12, 16, 14] != labels[12, 16, 30]
 
 
+def test_3d_balls_stacked_in_z_on_anisotropic_voxels():
+    """Two touching balls (radius 8 px) one above the other on planes 4 px apart: 4 planes
+    between their centres. With the voxel size the watershed sees 16 px and splits them; taken
+    as cubic voxels, the seeds' separation (d/2 = 8 voxels) joins them."""
+    spacing = (4.0, 1.0, 1.0)
+    zz, yy, xx = np.mgrid[:12, :32, :32]
+    z = zz * spacing[0]
+    image = ((z - 14) ** 2 + (yy - 16) ** 2 + (xx - 16) ** 2 <= 64).astype(float)
+    image += (z - 30) ** 2 + (yy - 16) ** 2 + (xx - 16) ** 2 <= 64
+    image = np.minimum(image, 1.0)
+    physical = watershed_labels(image, 0.5, 16, spacing)
+    assert sorted(np.unique(physical).tolist()) == [0, 1, 2]
+    assert physical[3, 16, 16] != physical[7, 16, 16]  # planes at z = 12 and 28 px
+    assert np.unique(watershed_labels(image, 0.5, 16)).tolist() == [0, 1]
+    assert min_object_size(16, 3, spacing) == pytest.approx(min_object_size(16, 3) / 4)
+
+
 def test_every_component_gets_a_seed(monkeypatch):
     def no_peaks(image, **kwargs):
         return np.empty((0, image.ndim), dtype=np.intp)

@@ -14,10 +14,16 @@ import torch
 from cellulus_scale.cli.main import main as cli
 from click.testing import CliRunner
 from distributed import Client
+from skimage.segmentation import expand_labels
 
 from cellulus_scale.config import ModelConfig
 from cellulus_scale.errors import UserInputError
-from cellulus_scale.evaluation.metrics import match_pairs, overlap_table
+from cellulus_scale.evaluation.metrics import (
+    combine,
+    match_pairs,
+    overlap_table,
+    score_frame,
+)
 from cellulus_scale.io import ome_zarr as ome_io
 from cellulus_scale.kernels.normalisation import Normalisation
 from cellulus_scale.kernels.star_convex import (
@@ -270,6 +276,29 @@ def test_labels_do_not_depend_on_block_size(
         assert f1_at(results[128][frame], results[96][frame], 0.9) >= 0.99
     # IDs are unique over the video
     assert not set(np.unique(results[96][0])[1:]) & set(np.unique(results[96][1])[1:])
+
+
+def test_nucleus_mode_outlines_polygons_by_their_intensities(
+    video: Path, model: Path, workdir: Path, client: Client
+) -> None:
+    """'nucleus' mode (the default) grows every polygon by d/4 and keeps, inside it, what the
+    object's intensity threshold keeps: outlines nearer the truth than the polygons drawn alone
+    ('none'), and no object reaching beyond its grown polygon."""
+    labels, scores = {}, {}
+    for mode in ("none", "nucleus"):
+        out = workdir / f"sd_mode_{mode}.zarr"
+        predict(video, out, model, diameter=24, mode=mode, client=client, progress=False)
+        labels[mode] = ome_io.open_labels(out, "cellulus").data.compute()
+        truth = ome_io.open_labels(video, "ground_truth").data.compute()
+        scores[mode] = combine(
+            [score_frame(truth[t], labels[mode][t]) for t in range(truth.shape[0])]
+        )
+    assert scores["nucleus"].seg > scores["none"].seg + 0.02
+    assert scores["nucleus"].f1 >= scores["none"].f1 - 0.02
+    for t in range(labels["none"].shape[0]):
+        grown = expand_labels(labels["none"][t], distance=6)  # d/4 for d = 24
+        outlined = labels["nucleus"][t]
+        assert np.array_equal(outlined[outlined > 0], grown[outlined > 0])
 
 
 def test_resume_finishes_an_interrupted_run_identically(

@@ -346,3 +346,32 @@ def test_3d_video_links_and_exports(tmp_path, client):
     assert [a.name for a in metadata.axes] == ["t", "z", "y", "x"]
     done = export_ctc(store, tmp_path / "RES")
     assert done.frames == 3 and (tmp_path / "RES" / "mask002.tif").exists()
+
+
+@pytest.mark.parametrize("z_step, follower", [(1.0, "above"), (4.0, "beside")])
+def test_3d_linking_measures_moves_in_physical_distance(tmp_path, client, z_step, follower):
+    """A nucleus (frame 0) is followed by the nearer of two (frame 1): one 3 planes above it,
+    one 8 pixels beside it. With planes 4 pixels apart (the NGFF scale) the one beside is
+    nearer (8 against 12); with cubic voxels, the one above (3 against 8)."""
+    labels = np.zeros((2, 12, 32, 24), np.uint32)
+    labels[0, 3:6, 9:12, 9:12] = 1
+    labels[1, 6:9, 9:12, 9:12] = 2  # above: 3 planes up
+    labels[1, 3:6, 17:20, 9:12] = 3  # beside: 8 pixels along y
+    store = tmp_path / "video.zarr"
+    scale = (1.0, z_step, 1.0, 1.0)
+    chunks = (1, 12, 32, 24)
+    root = ome_zarr.write_image(
+        store,
+        da.from_array((labels > 0).astype(np.uint16) * 1000, chunks=chunks),
+        "tzyx",
+        scale,
+        "video",
+    )
+    ome_zarr.write_labels(root, "cellulus", da.from_array(labels, chunks=chunks), "tzyx", scale)
+    link(store, max_distance=20, client=client, progress=False)
+    tracks = tracks_of(store)
+    first = tracks[0][labels[0] == 1][0]
+    followed = {"above": 2, "beside": 3}[follower]
+    assert tracks[1][labels[1] == followed][0] == first
+    other = 5 - followed
+    assert tracks[1][labels[1] == other][0] != first

@@ -7,6 +7,7 @@ histogram) and passed to :func:`watershed_labels`, which segments one block or f
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -49,27 +50,42 @@ def otsu_from_histogram(counts: np.ndarray, edges: np.ndarray) -> float:
     return float(threshold_otsu(hist=(counts, centers)))
 
 
-def min_object_size(diameter: float, ndim: int) -> float:
-    """Smallest kept object size: 0.1 of the area (2D) or volume (3D) of a ``diameter`` object."""
+def min_object_size(diameter: float, ndim: int, spacing: Sequence[float] | None = None) -> float:
+    """Smallest kept object size in pixels (voxels): 0.1 of the area (2D) or volume (3D) of a
+    ``diameter`` object; ``spacing``: the voxel size per axis in the diameter's unit."""
     radius = diameter / 2.0
     if ndim == 2:
         return MIN_SIZE_FRACTION * math.pi * radius**2
-    return MIN_SIZE_FRACTION * 4.0 / 3.0 * math.pi * radius**3
+    voxel = 1.0 if spacing is None else float(np.prod(spacing))
+    return MIN_SIZE_FRACTION * 4.0 / 3.0 * math.pi * radius**3 / voxel
 
 
 def watershed_markers(
-    image: np.ndarray, threshold: float, diameter: float
+    image: np.ndarray,
+    threshold: float,
+    diameter: float,
+    spacing: Sequence[float] | None = None,
 ) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
-    """Seed markers of the baseline: (markers, count, distance transform, foreground)."""
+    """Seed markers of the baseline: (markers, count, distance transform, foreground).
+    ``spacing``: the voxel size per axis in the diameter's unit (None: square pixels); the
+    distance transform, its smoothing and the seeds' separation are then physical."""
     foreground = image > threshold
     if not foreground.any():
         return np.zeros(image.shape, np.int32), 0, np.zeros(image.shape), foreground
-    distance = ndimage.distance_transform_edt(foreground)
-    smoothed = ndimage.gaussian_filter(distance, SEED_SMOOTHING_SIGMA) * foreground
+    distance = ndimage.distance_transform_edt(foreground, sampling=spacing)
+    sigma = SEED_SMOOTHING_SIGMA if spacing is None else [SEED_SMOOTHING_SIGMA / s for s in spacing]
+    smoothed = ndimage.gaussian_filter(distance, sigma) * foreground
     components, n_components = ndimage.label(foreground)
+    separation = max(1, int(diameter / 2))
+    if spacing is None:
+        footprint = None
+    else:  # the separation along each axis in its own pixels; 1 keeps plateaus apart
+        footprint = np.ones([2 * max(1, int(diameter / 2 / s)) + 1 for s in spacing], bool)
+        separation = 1
     seeds = peak_local_max(
         smoothed,
-        min_distance=max(1, int(diameter / 2)),
+        min_distance=separation,
+        footprint=footprint,
         labels=components,
         exclude_border=False,
     ).reshape(-1, image.ndim)
@@ -102,20 +118,30 @@ def marker_positions(markers: np.ndarray, count: int) -> np.ndarray:
 
 
 def watershed_from_markers(
-    distance: np.ndarray, foreground: np.ndarray, markers: np.ndarray, diameter: float
+    distance: np.ndarray,
+    foreground: np.ndarray,
+    markers: np.ndarray,
+    diameter: float,
+    spacing: Sequence[float] | None = None,
 ) -> np.ndarray:
-    """Flood ``-distance`` from ``markers`` (any IDs) inside the foreground; drop small objects."""
+    """Flood ``-distance`` from ``markers`` (any IDs) inside the foreground; drop small objects
+    (:func:`min_object_size`, with the voxel size ``spacing``)."""
     segmented = watershed(-distance, markers, mask=foreground)
     ids, compact = np.unique(segmented, return_inverse=True)
     compact = compact.reshape(segmented.shape)
     sizes = np.bincount(compact.ravel())
-    small = sizes < min_object_size(diameter, segmented.ndim)
+    small = sizes < min_object_size(diameter, segmented.ndim, spacing)
     small[ids == 0] = False
     segmented[small[compact]] = 0
     return segmented
 
 
-def watershed_labels(image: np.ndarray, threshold: float, diameter: float) -> np.ndarray:
+def watershed_labels(
+    image: np.ndarray,
+    threshold: float,
+    diameter: float,
+    spacing: Sequence[float] | None = None,
+) -> np.ndarray:
     """Segment a 2D or 3D block into instances: threshold, distance transform, seeded watershed.
 
     Foreground is ``image > threshold``. Seeds are local maxima of the distance transform
@@ -123,8 +149,9 @@ def watershed_labels(image: np.ndarray, threshold: float, diameter: float) -> np
     pixels apart, found per connected component (adjacent maxima, i.e. plateaus, merge into one
     seed); a component without such a maximum gets one seed at its smoothed-distance maximum.
     The watershed of ``-distance`` is restricted to the foreground; objects smaller than
-    :func:`min_object_size` are dropped. Returns ``uint32`` labels numbered 1..n (raster order
-    of their seeds), 0 = background. Deterministic.
+    :func:`min_object_size` are dropped. ``spacing`` (3D): the voxel size per axis in the
+    diameter's unit, so that distances and sizes are physical. Returns ``uint32`` labels
+    numbered 1..n (raster order of their seeds), 0 = background. Deterministic.
     """
     image = np.asarray(image)
     if image.ndim not in (2, 3):
@@ -139,14 +166,16 @@ def watershed_labels(image: np.ndarray, threshold: float, diameter: float) -> np
         )
     if math.isnan(threshold):
         raise UserInputError("threshold is NaN", "compute the threshold from a valid histogram")
-    markers, n_markers, distance, foreground = watershed_markers(image, threshold, diameter)
+    markers, n_markers, distance, foreground = watershed_markers(
+        image, threshold, diameter, spacing
+    )
     labels = np.zeros(image.shape, np.uint32)
     if n_markers == 0:
         return labels
     segmented = watershed(-distance, markers, mask=foreground)
 
     sizes = np.bincount(segmented.ravel(), minlength=n_markers + 1)
-    keep = sizes >= min_object_size(diameter, image.ndim)
+    keep = sizes >= min_object_size(diameter, image.ndim, spacing)
     keep[0] = False
     relabel = np.where(keep, np.cumsum(keep), 0).astype(np.uint32)
     labels[...] = relabel[segmented]

@@ -17,10 +17,11 @@ import numpy as np
 from cellulus_scale.blockwise.blocks import Block
 from cellulus_scale.blockwise.engine import Session
 from cellulus_scale.blockwise.plan import Plan
-from cellulus_scale.blockwise.store import FeatureImage
+from cellulus_scale.blockwise.store import FeatureImage, read_region
 from cellulus_scale.blockwise.worker import cached
 from cellulus_scale.config import NETWORK_TASK_THREADS, SegmentationConfig
 from cellulus_scale.io.location import Location
+from cellulus_scale.kernels.clustering import postprocess
 from cellulus_scale.kernels.noise import reflect_indices
 from cellulus_scale.model.checkpoint import Checkpoint, load_checkpoint
 from cellulus_scale.model.device import worker_device
@@ -57,6 +58,9 @@ class MethodSettings:
     # size in in-plane pixels that embeddings, distances and sizes are measured in
     network_halos: tuple[int, ...] | None = None
     spacing: tuple[float, ...] | None = None
+    # the image's voxel size per spatial axis in in-plane pixels (None: square pixels or cubic
+    # voxels), whatever the model: post-processing and linking measure distances with it
+    voxel_size: tuple[float, ...] | None = None
 
     def halos(self, dims: int) -> tuple[int, ...]:
         """The network's context per spatial axis."""
@@ -74,6 +78,8 @@ class MethodSettings:
             values["network_halos"] = list(self.network_halos)
         if self.spacing is not None:
             values["spacing"] = list(self.spacing)
+        if self.voxel_size is not None:
+            values["voxel_size"] = list(self.voxel_size)
         ordered = {key: values.pop(key) for key in _RECORD_ORDER if key in values}
         return {**ordered, **values}
 
@@ -169,3 +175,30 @@ def network_window(
         read = smallest_valid_size_at_least(size + 2 * h, depth, flat)
         indices.append(reflect_indices(start - h, start - h + read, length))
     return indices
+
+
+def postprocess_region(
+    plan: Plan, frame: int, region: Sequence[slice], labels: np.ndarray
+) -> np.ndarray:
+    """The run's post-processing of the ``labels`` of ``region`` of ``frame``: ``--mode``, the
+    minimum size and the contrast rule, distances and sizes physical where the voxels are not
+    cubes (:func:`~cellulus_scale.kernels.clustering.postprocess`)."""
+    seg = plan.settings.segmentation
+    spacing = plan.settings.voxel_size
+    intensity = None
+    if seg.mode == "nucleus" or seg.min_contrast is not None:
+        indices = [np.arange(r.start, r.stop) for r in region]
+        intensity = read_region(plan, frame, indices).astype(np.float32).mean(axis=0)
+    voxel = 1.0 if spacing is None else float(np.prod(spacing))
+    return postprocess(
+        labels,
+        intensity,
+        seg.mode,
+        seg.grow_distance,
+        seg.shrink_distance,
+        seg.min_size(plan.spatial_dims) / voxel,
+        seg.contrast_ring,
+        seg.min_contrast,
+        spacing,
+        seg.nucleus_threshold_for(plan.spatial_dims),
+    )

@@ -40,7 +40,6 @@ from cellulus_scale.kernels.clustering import (
     embeddings_of,
     find_centres,
     fit_sample_mask,
-    postprocess,
 )
 from cellulus_scale.kernels.oce import passes_per_batch, predict_oce_block
 from cellulus_scale.methods.base import (
@@ -51,6 +50,7 @@ from cellulus_scale.methods.base import (
     embeddings_image,
     load_model,
     network_window,
+    postprocess_region,
 )
 from cellulus_scale.methods.centres import (
     HIST_EDGES,
@@ -201,22 +201,7 @@ def label_block(
         embeddings, foreground, centres[near], ids[near], seg.assign_distance, dtype
     )
     clock["stitching"] = time.perf_counter()
-    intensity = None
-    if seg.mode == "nucleus" or seg.min_contrast is not None:
-        indices = [np.arange(r.start, r.stop) for r in region]
-        intensity = read_region(plan, frame, indices).astype(np.float32).mean(axis=0)
-    labels = postprocess(
-        labels,
-        intensity,
-        seg.mode,
-        seg.grow_distance,
-        seg.shrink_distance,
-        seg.min_size(plan.spatial_dims) / float(np.prod(scale)),
-        seg.contrast_ring,
-        seg.min_contrast,
-        spacing,
-        seg.nucleus_threshold_for(plan.spatial_dims),
-    )
+    labels = postprocess_region(plan, frame, region, labels)
     core_labels = labels[block.inner(region)]
     clock["post-processing"] = time.perf_counter()
     return core_labels

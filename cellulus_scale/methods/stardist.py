@@ -14,7 +14,9 @@ method's:
    centres). Also writes the image copy.
 2. The kept candidates of the video are sorted by (frame, position) and numbered 1..N.
 3. ``labels``: each block draws, at global coordinates, every kept polygon of its frame that
-   overlaps its grown region (less probable first, ties by ID) and writes its core.
+   overlaps its grown region (less probable first, ties by ID); in 'nucleus' mode (the
+   default) each polygon is then grown by d/4 and outlined by the threshold of its intensities,
+   as Cellulus' objects are (:func:`outline_nuclei`); the block writes its core.
 
 The network's read window starts on the same pooling phase for every block, so a pixel's
 probability and distances do not depend on the block; suppression visits candidates in an
@@ -31,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 
 import numpy as np
+from skimage.segmentation import expand_labels
 
 from cellulus_scale.blockwise.blocks import Block
 from cellulus_scale.blockwise.engine import Session, Stage
@@ -53,6 +56,7 @@ from cellulus_scale.methods.base import (
     WrittenObjects,
     load_model,
     network_window,
+    postprocess_region,
 )
 from cellulus_scale.model.checkpoint import Checkpoint
 
@@ -148,15 +152,36 @@ def number_candidates(
 def labels_task(
     plan: Plan, frame: int, block: Block, depth: int, kept: dict[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
-    """Draw the kept polygons that overlap the grown block; write the block's core."""
+    """Draw the kept polygons that overlap the grown block; in 'nucleus' mode outline them
+    as Cellulus' objects (:func:`outline_nuclei`); write the block's core."""
     target = labels_array(plan)
-    region = block.grown(suppression_halo(plan, depth)[0], plan.spatial_shape)
+    seg = plan.settings.segmentation
+    halo = seg.labelling_halo if seg.mode == "nucleus" else suppression_halo(plan, depth)[0]
+    region = block.grown(halo, plan.spatial_shape)
     labels = render_polygons(
         kept["points"], kept["dists"], kept["probs"], kept["ids"], region, target.dtype
     )
+    if seg.mode == "nucleus":
+        labels = outline_nuclei(plan, frame, region, labels)
     core_labels = labels[block.inner(region)]
     write_labels_core(plan, target, frame, block, core_labels)
     return {"objects": np.unique(core_labels[core_labels > 0])}
+
+
+def outline_nuclei(
+    plan: Plan, frame: int, region: Sequence[slice], labels: np.ndarray
+) -> np.ndarray:
+    """'nucleus' mode for polygons: grow each by the contrast ring (d/4, without overlap), so
+    that it holds its nucleus' rim and some background, then post-process as Cellulus' objects
+    (the threshold of each object's intensities, the minimum size and the contrast rule).
+
+    A star-convex polygon of few rays, regressed from the pixel, falls inside the nucleus (on
+    BBBC039, student polygons matched SEG 0.756 where their teacher's thresholded masks had
+    0.832); the threshold outlines it to the pixel again (README, "Supervised refinement")."""
+    seg = plan.settings.segmentation
+    spacing = 1.0 if plan.settings.voxel_size is None else plan.settings.voxel_size
+    grown = expand_labels(labels, seg.contrast_ring, spacing=spacing)
+    return postprocess_region(plan, frame, region, grown)
 
 
 def run(session: Session, checkpoint: Checkpoint | None) -> MethodResult:

@@ -79,7 +79,9 @@ def _watershed_inputs(plan: Plan, stats: Statistics, frame: int, block: Block):
     seg = plan.settings.segmentation
     region = block.grown(seg.clustering_halo, plan.spatial_shape)
     values = _intensity(plan, frame, region)
-    markers, count, distance, foreground = watershed_markers(values, stats.threshold, seg.diameter)
+    markers, count, distance, foreground = watershed_markers(
+        values, stats.threshold, seg.diameter, plan.settings.voxel_size
+    )
     return region, markers, count, distance, foreground
 
 
@@ -112,7 +114,9 @@ def label_block(
     markers = np.zeros(foreground.shape, dtype=np.int64)
     markers[tuple(local[inside].T)] = ids[inside].astype(np.int64)
     diameter = plan.settings.segmentation.diameter
-    labels = watershed_from_markers(distance, foreground, markers, diameter)
+    labels = watershed_from_markers(
+        distance, foreground, markers, diameter, plan.settings.voxel_size
+    )
     return labels[block.inner(region)].astype(dtype)
 
 

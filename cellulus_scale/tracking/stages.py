@@ -226,9 +226,24 @@ def ends_and_starts(
     return ends, starts
 
 
-def run_linking(session: Session, settings: LinkSettings) -> LinkResult:
+def in_physical_space(
+    frames: Sequence[FrameObjects], spacing: Sequence[float] | None
+) -> list[FrameObjects]:
+    """The frames' objects with centroids in in-plane pixels (voxel index x ``spacing``, the
+    voxel size per axis in x pixels), so that a move of one plane counts as the z step."""
+    if spacing is None:
+        return list(frames)
+    scale = np.asarray(spacing, dtype=float)
+    return [FrameObjects(f.ids, f.areas, f.centroids * scale) for f in frames]
+
+
+def run_linking(
+    session: Session, settings: LinkSettings, spacing: Sequence[float] | None = None
+) -> LinkResult:
     """The linking stages on ``session``'s plan; writes ``labels/<target>`` level 0 (the caller
-    finishes it with :func:`finish_tracks`)."""
+    finishes it with :func:`finish_tracks`). ``spacing``: the voxel size per spatial axis in x
+    pixels (None: isotropic); distances, ``max_distance`` and the typical diameter are then in
+    in-plane pixels of physical distance. The result's centroids stay in voxels."""
     plan = session.plan
     dims = plan.spatial_dims
     totals = BlockTotals(plan.frames)
@@ -238,9 +253,11 @@ def run_linking(session: Session, settings: LinkSettings) -> LinkResult:
             shared=(settings,),
             collect=totals.add,
         )
-        frames, overlaps = totals.reduce(dims)
+        voxel_frames, overlaps = totals.reduce(dims)
+        frames = in_physical_space(voxel_frames, spacing)
         areas = np.concatenate([f.areas for f in frames]) if frames else np.zeros(0)
-        tracking = settings.tracking.with_distance(typical_diameter(areas, dims))
+        volume = 1.0 if spacing is None else float(np.prod(spacing))
+        tracking = settings.tracking.with_distance(typical_diameter(areas * volume, dims))
         if len(frames) > 1:
             futures = session.client.map(
                 link_frames,
@@ -278,7 +295,7 @@ def run_linking(session: Session, settings: LinkSettings) -> LinkResult:
             shared=(settings,),
             per_frame=session.scatter(per_frame),
         )
-    return LinkResult(frames, continuations, divisions, gaps, tracks, tracking, dims)
+    return LinkResult(voxel_frames, continuations, divisions, gaps, tracks, tracking, dims)
 
 
 def prepare_target(session: Session, settings: LinkSettings, count: int) -> None:

@@ -134,7 +134,7 @@ def link(
     )
     options = RunOptions(scheduler, workers, client, overwrite, resume, progress)
     with attach_session(plan, source, root, options) as session:
-        result = run_linking(session, settings)
+        result = run_linking(session, settings, ome_zarr.voxel_spacing(source))
     finish_tracks(root, plan, settings, result, source.space)
     ome_zarr.remove_store(store / WORK_DIR)
     summary = result.summary()

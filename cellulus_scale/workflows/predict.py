@@ -385,6 +385,7 @@ def method_settings(
         network_context=context(depth) if model_path is not None else 0,
         network_halos=halos if halos is not None and len(set(halos)) > 1 else None,
         spacing=trained,
+        voxel_size=spacing,
     )
 
 
@@ -518,7 +519,7 @@ def run_method(
                 )
             result = method.run(session, checkpoint)
             if linking is not None:
-                linked = run_linking(session, linking)
+                linked = run_linking(session, linking, session.plan.settings.voxel_size)
         except UserInputError as error:  # bad input met by a task: say so in the output
             stopped_on(session, error)
             raise
