@@ -26,11 +26,13 @@ class Block:
     def core(self) -> tuple[slice, ...]:
         return tuple(slice(a, b) for a, b in zip(self.start, self.stop, strict=True))
 
-    def grown(self, halo: int, bounds: Sequence[int]) -> tuple[slice, ...]:
-        """The core grown by ``halo`` on every side, clipped to the frame."""
+    def grown(self, halo: int | Sequence[int], bounds: Sequence[int]) -> tuple[slice, ...]:
+        """The core grown by ``halo`` (one per axis, or the same on every axis) on every side,
+        clipped to the frame."""
+        halos = (halo,) * len(self.start) if isinstance(halo, int) else tuple(halo)
         return tuple(
-            slice(max(0, a - halo), min(size, b + halo))
-            for a, b, size in zip(self.start, self.stop, bounds, strict=True)
+            slice(max(0, a - h), min(size, b + h))
+            for a, b, h, size in zip(self.start, self.stop, halos, bounds, strict=True)
         )
 
     def inner(self, region: Sequence[slice]) -> tuple[slice, ...]:
@@ -68,3 +70,11 @@ def owner_index(points: np.ndarray, shape: Sequence[int], block_size: Sequence[i
     upper = np.asarray(shape) - 1
     clamped = np.clip(np.floor(points).astype(np.int64), 0, upper)
     return clamped // np.asarray(block_size)
+
+
+def halo_in_voxels(distance: float, spacing: Sequence[float] | None) -> int | tuple[int, ...]:
+    """A halo of ``distance`` in-plane pixels as whole voxels per axis, for voxels of
+    ``spacing`` (their size per axis in in-plane pixels; None: the same on every axis)."""
+    if spacing is None:
+        return int(math.ceil(distance))
+    return tuple(int(math.ceil(distance / s - 1e-9)) for s in spacing)

@@ -11,7 +11,8 @@ Stages, each a set of independent block tasks whose results the engine records, 
    image, returns a histogram of the std with per-bin offset sums.
 2. statistics, once per video: Otsu threshold of the std and the mean foreground offset.
 3. ``centres``: mean-shift on the centred foreground embeddings of the block grown by one
-   diameter; the block keeps the centres that fall in its core (centre ownership).
+   diameter (physical: fewer planes in z on anisotropic voxels); the block keeps the centres
+   that fall in its core (centre ownership).
 4. ``labels``: every pixel of the grown block takes the ID of its nearest centre (IDs numbered
    over the whole video), post-processing runs on the grown block, the core is written.
 """
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cellulus_scale.blockwise.blocks import Block
+from cellulus_scale.blockwise.blocks import Block, halo_in_voxels
 from cellulus_scale.blockwise.engine import Session, Stage
 from cellulus_scale.blockwise.plan import Plan
 from cellulus_scale.blockwise.store import (
@@ -127,7 +128,7 @@ def oce_task(plan: Plan, frame: int, block: Block, full: bool) -> dict[str, np.n
 def _grown_embeddings(
     plan: Plan, stats: Statistics, frame: int, block: Block, halo: int
 ) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray]:
-    region = block.grown(halo, plan.spatial_shape)
+    region = block.grown(halo_in_voxels(halo, plan.settings.spacing), plan.spatial_shape)
     seg = plan.settings.segmentation
     offsets, foreground = compact.decode(
         read_feature(plan, compact_path(plan), frame, region),
