@@ -274,6 +274,8 @@ def test_labels_do_not_depend_on_block_size(
     assert len(np.unique(results[96])) > 10
     for frame in range(results[96].shape[0]):
         assert f1_at(results[128][frame], results[96][frame], 0.9) >= 0.99
+    # in 'nucleus' mode (the default) the outlines too: the same labels, voxel for voxel
+    assert np.array_equal(results[96], results[128])
     # IDs are unique over the video
     assert not set(np.unique(results[96][0])[1:]) & set(np.unique(results[96][1])[1:])
 

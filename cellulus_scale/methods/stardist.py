@@ -22,8 +22,9 @@ The network's read window starts on the same pooling phase for every block, so a
 probability and distances do not depend on the block; suppression visits candidates in an
 order fixed by probability and global position; rendering is a function of global
 coordinates. Labels therefore agree between block sizes (up to suppression chains longer than
-the halo, which are rare). The same holds in 3D (blocks in z, y and x; polyhedra on rays on a
-sphere, StarDist's 3D suppression and rendering).
+the halo, which are rare, and, in 'nucleus' mode, objects larger than the diameter, whose
+outline can see the labels stage's halo: d and three times d/4). The same holds in 3D (blocks
+in z, y and x; polyhedra on rays on a sphere, StarDist's 3D suppression and rendering).
 """
 
 from __future__ import annotations
@@ -156,7 +157,10 @@ def labels_task(
     as Cellulus' objects (:func:`outline_nuclei`); write the block's core."""
     target = labels_array(plan)
     seg = plan.settings.segmentation
-    halo = seg.labelling_halo if seg.mode == "nucleus" else suppression_halo(plan, depth)[0]
+    halo = suppression_halo(plan, depth)[0]
+    if seg.mode == "nucleus":  # an object of diameter d that touches the core, grown by d/4
+        # on each side, its neighbours that compete for that ring and its own contrast ring
+        halo += 3 * seg.contrast_ring
     region = block.grown(halo, plan.spatial_shape)
     labels = render_polygons(
         kept["points"], kept["dists"], kept["probs"], kept["ids"], region, target.dtype
