@@ -483,7 +483,7 @@ def train_supervised(image: Path, model: Path, **options: Any) -> None:
     default=default_of(SegmentationConfig, "std_threshold"),
     show_default=True,
     help="The foreground rule without --threshold: Otsu's threshold of the embeddings' std over"
-    " the video, or of its logarithm.",
+    " the video, or of its logarithm (for a small foreground); auto: Otsu in 2D, log-Otsu in 3D.",
 )
 @click.option(
     "--min-contrast",

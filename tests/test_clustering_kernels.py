@@ -114,13 +114,19 @@ def test_std_threshold_of_the_logarithm_separates_a_small_foreground() -> None:
         [rng.lognormal(np.log(1.0), 0.6, 3_000), rng.lognormal(np.log(8.0), 0.3, 97_000)]
     )
     counts = np.bincount(np.searchsorted(HIST_EDGES, std) - 1, minlength=len(HIST_EDGES) - 1)
-    thresholds = {}
-    for rule in ("otsu", "log-otsu"):
+
+    def threshold(rule: str, dims: int) -> float:
         settings = SimpleNamespace(segmentation=SegmentationConfig(28.0, std_threshold=rule))
-        plan = SimpleNamespace(method="oce", settings=settings, spatial_dims=2, frames=1)
+        plan = SimpleNamespace(method="oce", settings=settings, spatial_dims=dims, frames=1)
         totals = SimpleNamespace(
-            counts=counts, sums=np.zeros((2, len(counts))), signal=[True], bins_per_code=1
+            counts=counts, sums=np.zeros((dims, len(counts))), signal=[True], bins_per_code=1
         )
-        thresholds[rule] = compute_statistics(plan, totals).threshold
-    assert thresholds["otsu"] > 4.0  # in the background's bulk
-    assert 2.0 < thresholds["log-otsu"] < 4.0  # between the modes
+        return compute_statistics(plan, totals).threshold
+
+    assert threshold("otsu", 2) > 4.0  # in the background's bulk
+    assert 2.0 < threshold("log-otsu", 2) < 4.0  # between the modes
+    # the default, 'auto': Otsu in 2D, log-Otsu in 3D (volumes: a small foreground)
+    assert threshold("auto", 2) == threshold("otsu", 2)
+    assert threshold("auto", 3) == threshold("log-otsu", 3) < threshold("otsu", 3)
+    assert SegmentationConfig(28.0).std_threshold == "auto"
+    assert SegmentationConfig(28.0, std_threshold="otsu").std_threshold_for(3) == "otsu"

@@ -75,7 +75,7 @@ def compute_statistics(plan: Plan, totals: HistogramTotals) -> Statistics:
             last = hi - 1
         else:
             values = centres[lo:hi]
-            if plan.settings.segmentation.std_threshold == "log-otsu":
+            if plan.settings.segmentation.std_threshold_for(plan.spatial_dims) == "log-otsu":
                 values = np.log(values)
             otsu = threshold_otsu(hist=(counts[lo:hi], values))
             last = lo + int(np.searchsorted(values, otsu, side="left"))
