@@ -196,6 +196,27 @@ class VoxelSize(click.ParamType):
         return values
 
 
+class BlockSize(click.ParamType):
+    """One block side for every spatial axis, or one per axis (Z,Y,X or Y,X)."""
+
+    name = "N|Z,Y,X"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | tuple[int, ...] | None:
+        if value is None or isinstance(value, (int, tuple)):
+            return value
+        try:
+            sides = tuple(int(v) for v in str(value).split(","))
+        except ValueError:
+            sides = ()
+        if not 1 <= len(sides) <= 3 or not all(v > 0 for v in sides):
+            self.fail(
+                f"'{value}' is neither a positive whole number nor one per axis (e.g. 16,128,128)",
+                param,
+                ctx,
+            )
+        return sides[0] if len(sides) == 1 else sides
+
+
 VOXEL_SIZE_HELP = (
     "3D: the voxel size Z,Y,X (any one unit), overriding the image's NGFF scale; e.g. 2.0,0.5,0.5."
 )
@@ -450,7 +471,13 @@ def train_supervised(image: Path, model: Path, **options: Any) -> None:
     show_default=True,
     help="watershed: the classical baseline, same machinery.",
 )
-@click.option("--block-size", type=int, default=None, help="Block side (256 in 2D, 64 in 3D).")
+@click.option(
+    "--block-size",
+    type=BlockSize(),
+    default=None,
+    help="Block side (256 in 2D, 64 in 3D), or one per axis, e.g. 16,128,128 for Z,Y,X (thin"
+    " blocks for stacks with few, widely spaced planes).",
+)
 @click.option(
     "--tta",
     type=int,

@@ -416,9 +416,10 @@ def ideal_offsets(truth: np.ndarray, spacing: np.ndarray, halos: tuple[int, ...]
 
 def test_3d_anisotropic_labels_do_not_depend_on_blocks_splitting_z(workdir, monkeypatch):
     """With ideal embeddings (a stand-in network), blocks of 16 (splitting z into 2 and y, x
-    into 3) and the whole volume give the same labels on planes 3 px apart, where the
-    clustering and labelling halos are a diameter in physical distance: 4 planes in z for
-    d = 10, not 10. The network's own block independence is tested above."""
+    into 3), blocks of 4 planes by 16 x 16 px, and the whole volume give the same labels on
+    planes 3 px apart, where the clustering and labelling halos are a diameter in physical
+    distance: 4 planes in z for d = 10, not 10. The network's own block independence is
+    tested above."""
     from distributed import LocalCluster
 
     from cellulus_scale.config import ModelConfig
@@ -443,14 +444,17 @@ def test_3d_anisotropic_labels_do_not_depend_on_blocks_splitting_z(workdir, monk
         n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
     )
     with Client(cluster) as client:  # workers in this process: they see the stand-in
-        for size in (16, 48):
-            out = run(volume, model, workdir / f"ideal_{size}.zarr", client, diameter=10,
+        for size in (16, 48, (4, 16, 16)):
+            name = "_".join(map(str, np.atleast_1d(size)))
+            out = run(volume, model, workdir / f"ideal_{name}.zarr", client, diameter=10,
                       block_size=size, tta=2)  # fmt: skip
             labels[size] = labels_of(out)[0]
     cluster.close()
     assert len(np.unique(labels[48])) > 15
     assert f1_at(truth, labels[48], 0.5) > 0.8  # the stand-in is near the truth
     assert np.array_equal(labels[16], labels[48])
+    # blocks per axis: 4 planes (the smallest a diameter of 4 planes allows) by 16 x 16 px
+    assert np.array_equal(labels[(4, 16, 16)], labels[48])
 
 
 def torch_seed(seed: int) -> None:

@@ -157,10 +157,31 @@ def test_anisotropic_video_end_to_end_through_the_cli(thin: Path, tmp_path: Path
     out = tmp_path / "out.zarr"
     predicted = cli(
         "predict", video, out, "--model", model, "--diameter", 12, "--workers", 1,
-        "--tta", 2, "--block-size", 32,
+        "--tta", 2, "--block-size", 32, "--save-embeddings",
     )  # fmt: skip
     assert predicted.returncode == 0, predicted.stderr
     assert scale_of(out) == scale_of(video) == scale_of(out, "cellulus")
+    # blocks per axis: 4 planes (3 blocks in z) by 16 x 16 px; the same embeddings
+    thin_blocks = tmp_path / "thin_blocks.zarr"
+    predicted = cli(
+        "predict", video, thin_blocks, "--model", model, "--diameter", 12, "--workers", 1,
+        "--tta", 2, "--block-size", "4,16,16", "--save-embeddings",
+    )  # fmt: skip
+    assert predicted.returncode == 0, predicted.stderr
+    labels = zarr.open_array(str(thin_blocks / "labels" / "cellulus" / "0"), mode="r")
+    assert labels.chunks == (1, 4, 16, 16)
+    embeddings = [
+        zarr.open_array(str(o / "embeddings" / "0"), mode="r")[:] for o in (out, thin_blocks)
+    ]
+    assert np.abs(embeddings[0] - embeddings[1]).max() < 1e-4
+    for sides, named in (("2,16,16", "along z"), ("16,16", "3 spatial axes")):
+        refused = cli(
+            "predict", video, tmp_path / "refused.zarr", "--model", model, "--diameter", 12,
+            "--block-size", sides,
+        )  # fmt: skip
+        assert refused.returncode == 2 and named in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "refused.zarr").exists()
     report = tmp_path / "scores.json"
     scored = cli("evaluate", out, "--truth", video, "--json", report)
     assert scored.returncode == 0, scored.stderr

@@ -5,6 +5,7 @@ gets it."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -101,7 +102,7 @@ class Plan:
 def make_plan(
     image: OmeImage,
     output_path: str | os.PathLike[str] | Location,
-    block_size: int,
+    block_size: int | Sequence[int],
     device: str,
     method: str,
     settings: MethodSettings,
@@ -109,14 +110,17 @@ def make_plan(
     labels_name: str = LABELS_NAME,
     ngff_version: str = NGFF_VERSION,
 ) -> Plan:
-    """The plan of a run on ``image`` in blocks of ``block_size`` on every spatial axis."""
+    """The plan of a run on ``image`` in blocks of ``block_size``: one side for every spatial
+    axis, or one per axis."""
     frames, channels, depth, height, width = image.canonical_shape
     spatial = (depth, height, width) if image.spatial_dims == 3 else (height, width)
     return Plan(
         input_path=str(image.path),
         input_axes=image.axes,
         output_path=str(Location.of(output_path)),
-        block_size=(block_size,) * len(spatial),
+        block_size=(
+            (block_size,) * len(spatial) if isinstance(block_size, int) else tuple(block_size)
+        ),
         frames=frames,
         channels=channels,
         spatial_shape=spatial,

@@ -42,7 +42,7 @@ from cellulus_scale.methods import oce, stardist, watershed
 from cellulus_scale.methods.base import Method, MethodSettings, Statistics
 from cellulus_scale.model.checkpoint import Checkpoint, check_compatible, load_checkpoint
 from cellulus_scale.model.device import choose_device
-from cellulus_scale.model.unet import context, contexts
+from cellulus_scale.model.unet import axis_flat_levels, context, contexts
 from cellulus_scale.tracking.stages import LinkSettings, finish_tracks, run_linking
 from cellulus_scale.training.loop import TrainResult, training_finished
 from cellulus_scale.training.oce import check_trainable, largest_crop_within, train
@@ -78,7 +78,7 @@ def predict(
     model_path: str | os.PathLike[str] | None = None,
     diameter: float | None = None,
     method: str = "cellulus",
-    block_size: int | None = None,
+    block_size: int | Sequence[int] | None = None,
     tta: int = default_of(SegmentationConfig, "tta_passes"),
     mode: str = default_of(SegmentationConfig, "mode"),
     nucleus_threshold: str = default_of(SegmentationConfig, "nucleus_threshold"),
@@ -138,6 +138,10 @@ def predict(
     3D images: the voxel size comes from the NGFF ``scale`` (``voxel_size`` Z,Y,X overrides
     it); the diameter is in in-plane pixels, and embeddings, the mean-shift bandwidth, distances
     and the minimum size are physical (z scaled by the z step).
+
+    ``block_size``: one block side for every spatial axis, or one per axis (Z,Y,X or Y,X; e.g.
+    thin blocks in z for a stack of widely spaced planes); by default 256 (2D) or 64 (3D), see
+    :func:`choose_block_size`.
 
     With ``into_input`` (and ``output_path`` None) the labels are written into the input's own
     ``labels`` group (``IN.zarr/labels/cellulus``, in the input's NGFF version), with no copy of
@@ -241,7 +245,9 @@ def predict(
         depth = checkpoint.model_config.depth if checkpoint is not None else 0
         network = checkpoint.model_config if checkpoint is not None else None
     settings = method_settings(image, model_path, segmentation, checkpoint, depth, network, spacing)
-    size = choose_block_size(block_size, image.spatial_dims, depth, diameter)
+    size = choose_block_size(
+        block_size, image.spatial_dims, depth, diameter, network, settings.voxel_size
+    )
     plan = make_plan(
         image, output_path, size, device, chosen.name, settings, into_input, labels_name, version
     )
@@ -596,44 +602,84 @@ def default_block_size(spatial_dims: int) -> int:
     return 256 if spatial_dims == 2 else 64
 
 
-def _smallest(depth: int, diameter: float) -> tuple[int, int]:
-    """(pooling step, smallest block size the halos allow) of a depth-``depth`` network."""
-    step = 2**depth
-    return step, max(2 * context(depth), int(math.ceil(diameter)), step)
+@dataclass(frozen=True)
+class AxisLimits:
+    """What one spatial axis asks of a block side: a multiple of ``step`` (the network's pooling
+    grid along it) and at least ``minimum`` (twice the network's context, one diameter)."""
+
+    name: str
+    step: int
+    minimum: int
+    context: int
+
+    @property
+    def smallest(self) -> int:
+        return math.ceil(self.minimum / self.step) * self.step
 
 
-def smallest_block_size(depth: int, diameter: float) -> int:
-    """The smallest block the halos and the depth-``depth`` pooling grid allow."""
-    step, minimum = _smallest(depth, diameter)
-    return math.ceil(minimum / step) * step
+def axis_limits(
+    spatial_dims: int,
+    depth: int,
+    diameter: float,
+    network: ModelConfig | None = None,
+    voxel_size: Sequence[float] | None = None,
+) -> list[AxisLimits]:
+    """Per spatial axis, the pooling step and the smallest side the halos allow: the z axis of
+    an anisotropic model pools only below its flat levels and needs fewer planes for a diameter
+    (``voxel_size``: the voxel size in in-plane pixels)."""
+    flats = axis_flat_levels(network) if network is not None else (0,) * spatial_dims
+    limits = []
+    for axis, name in enumerate("zyx"[-spatial_dims:]):
+        extent = diameter / (float(voxel_size[axis]) if voxel_size is not None else 1.0)
+        halo = context(depth, flats[axis])
+        step = 2 ** (depth - flats[axis])
+        minimum = max(2 * halo, int(math.ceil(extent - 1e-9)), step)
+        limits.append(AxisLimits(name, step, minimum, halo))
+    return limits
 
 
-def check_block_size(block_size: int, depth: int, diameter: float) -> None:
-    """Refuse blocks the halos or the network's pooling grid cannot work with."""
-    step, minimum = _smallest(depth, diameter)
-    if block_size < minimum:
+def check_block_size(size: int, limit: AxisLimits, depth: int, diameter: float) -> None:
+    """Refuse a block side the halos or the network's pooling grid cannot work with."""
+    if size < limit.minimum:
         raise UserInputError(
-            f"block size {block_size} is smaller than the halos allow (network context "
-            f"{context(depth)} px per side, object diameter {diameter:g} px)",
-            f"use --block-size {math.ceil(minimum / step) * step} or more",
+            f"block size {size} along {limit.name} is smaller than the halos allow (network"
+            f" context {limit.context} px per side, object diameter {diameter:g} px)",
+            f"use --block-size {limit.smallest} or more along {limit.name}",
         )
-    if block_size % step:
-        lower, upper = block_size // step * step, (block_size // step + 1) * step
+    if size % limit.step:
+        lower, upper = size // limit.step * limit.step, (size // limit.step + 1) * limit.step
         raise UserInputError(
-            f"block size {block_size} is not a multiple of {step}, the depth-{depth} network's"
-            " pooling grid",
-            f"use --block-size {lower} or {upper}",
+            f"block size {size} along {limit.name} is not a multiple of {limit.step}, the"
+            f" depth-{depth} network's pooling grid",
+            f"use --block-size {lower} or {upper} along {limit.name}",
         )
 
 
 def choose_block_size(
-    block_size: int | None, spatial_dims: int, depth: int, diameter: float
-) -> int:
-    """``block_size``, checked; by default 256 (2D) or 64 (3D), grown where a deep network (of
-    depth ``depth``, 0 without one) or the diameter needs larger blocks."""
+    block_size: int | Sequence[int] | None,
+    spatial_dims: int,
+    depth: int,
+    diameter: float,
+    network: ModelConfig | None = None,
+    voxel_size: Sequence[float] | None = None,
+) -> tuple[int, ...]:
+    """The block side per spatial axis: ``block_size`` (one side for every axis, or one per
+    axis, Z,Y,X or Y,X), checked; by default 256 (2D) or 64 (3D), grown where a deep network (of
+    depth ``depth``, 0 without one; ``network`` its config) or the diameter needs larger
+    blocks."""
+    limits = axis_limits(spatial_dims, depth, diameter, network, voxel_size)
     if block_size is None:
-        size = max(default_block_size(spatial_dims), smallest_block_size(depth, diameter))
-    else:
-        size = block_size
-    check_block_size(size, depth, diameter)
-    return size
+        isotropic = max(default_block_size(spatial_dims), *(limit.smallest for limit in limits))
+        return (isotropic,) * spatial_dims
+    sizes = (block_size,) * spatial_dims if isinstance(block_size, int) else tuple(block_size)
+    if len(sizes) == 1:
+        sizes = sizes * spatial_dims
+    if len(sizes) != spatial_dims:
+        axes = ",".join("ZYX"[-spatial_dims:])
+        raise UserInputError(
+            f"--block-size has {len(sizes)} sides, the image {spatial_dims} spatial axes",
+            f"give one side for every axis or one per axis, {axes}",
+        )
+    for size, limit in zip(sizes, limits, strict=True):
+        check_block_size(int(size), limit, depth, diameter)
+    return tuple(int(size) for size in sizes)
