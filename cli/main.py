@@ -399,14 +399,21 @@ def train(image: Path, model: Path, **options: Any) -> None:
     type=click.Choice(["auto", "paper", "cpu"]),
     default="auto",
     show_default=True,
-    help="paper: Appendix B (depth 3, 64 maps, Adam 1e-5, 200 epochs); cpu: small and fast;"
+    help="paper: Appendix B (depth 3, 64 maps, Adam 1e-5, 200 epochs); cpu: small and fast"
+    " (depth 2 on a grid of 2 in 2D);"
     " auto: paper where a GPU trains, cpu elsewhere.",
 )
 @training_options
 @click.option("--n-rays", type=int, default=None, help="Radial directions (32 in 2D, 96 in 3D).")
+@click.option(
+    "--grid",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Predict every g-th pixel of a 2D image (StarDist's grid; preset default).",
+)
 @user_errors
 def train_supervised(image: Path, model: Path, **options: Any) -> None:
-    """Supervised refinement (Appendix B): train a depth-3 StarDist model on IMAGE and its label
+    """Supervised refinement (Appendix B): train a StarDist model on IMAGE and its label
     image --labels NAME, typically Cellulus' own output (OUT.zarr of 'predict' holds the image
     and labels/cellulus); writes MODEL (.pt), a CSV loss log and a plot. Then segment with
     'cellulus-scale predict IMAGE REFINED.zarr --model MODEL --diameter D'.

@@ -33,32 +33,56 @@ from cellulus_scale.workflows.predict import predict
 from cellulus_scale.workflows.refine import refine
 
 HYGIENE = dict(REFINE_HYGIENE)
-#: row name -> (train_supervised settings, predict settings, train on the ground truth)
+#: The network of the cpu preset before StarDist's grid: depth 3, every pixel, 156 px crops.
+EVERY_PIXEL = {"depth": 3, "grid": 1, "crop_size": 156}
+#: row name -> (train_supervised settings on the cpu preset, predict settings, train on the
+#: ground truth)
 STUDENTS = {
     "old cpu preset (8 maps, 10 epochs), every object": (
-        {"epochs": 10, "feature_maps": 8},
+        {**EVERY_PIXEL, "epochs": 10, "feature_maps": 8},
         {},
         False,
     ),
     "old cpu preset (8 maps, 10 epochs), hygiene": (
-        {"epochs": 10, "feature_maps": 8, **HYGIENE},
+        {**EVERY_PIXEL, "epochs": 10, "feature_maps": 8, **HYGIENE},
         {},
         False,
     ),
-    "16 maps, 10 epochs, hygiene": ({"epochs": 10, "feature_maps": 16, **HYGIENE}, {}, False),
-    "16 maps, budget, every object": ({"epochs": 200, "feature_maps": 16}, {}, False),
-    "16 maps, budget, hygiene": ({"epochs": 200, "feature_maps": 16, **HYGIENE}, {}, False),
+    "16 maps, 10 epochs, hygiene": (
+        {**EVERY_PIXEL, "epochs": 10, "feature_maps": 16, **HYGIENE},
+        {},
+        False,
+    ),
+    "16 maps, budget, every object": (
+        {**EVERY_PIXEL, "epochs": 200, "feature_maps": 16},
+        {},
+        False,
+    ),
+    "16 maps, budget, hygiene": (
+        {**EVERY_PIXEL, "epochs": 200, "feature_maps": 16, **HYGIENE},
+        {},
+        False,
+    ),
     "16 maps, budget, hygiene, prob 0.6": (
-        {"epochs": 200, "feature_maps": 16, **HYGIENE},
+        {**EVERY_PIXEL, "epochs": 200, "feature_maps": 16, **HYGIENE},
         {"prob_threshold": 0.6},
         False,
     ),
-    "32 maps, budget, hygiene (the cpu preset)": (
-        {"epochs": 200, "feature_maps": 32, **HYGIENE},
+    "32 maps, depth 3, every pixel, budget, hygiene (the previous cpu preset)": (
+        {**EVERY_PIXEL, "epochs": 200, "feature_maps": 32, **HYGIENE},
         {},
         False,
     ),
-    "16 maps, budget, ground truth (bound)": ({"epochs": 200, "feature_maps": 16}, {}, True),
+    "32 maps, depth 2 on a grid of 2, budget, hygiene (the cpu preset)": (
+        {"epochs": 200, **HYGIENE},
+        {},
+        False,
+    ),
+    "16 maps, budget, ground truth (bound)": (
+        {**EVERY_PIXEL, "epochs": 200, "feature_maps": 16},
+        {},
+        True,
+    ),
 }
 
 HEADER = (

@@ -20,7 +20,7 @@ from cellulus_scale.model.checkpoint import load_checkpoint
 from cellulus_scale.model.unet import context
 from cellulus_scale.training.crops import LabelledCrops, median_object_size
 from cellulus_scale.workflows.predict import predict
-from cellulus_scale.workflows.refine import refine
+from cellulus_scale.workflows.refine import refine, student_settings
 
 
 def test_doubtful_objects_are_those_of_unusual_size_or_shape() -> None:
@@ -90,6 +90,8 @@ def test_refine_writes_labels_refined_beside_the_run_s_own(
     assert tree_digest(out / "labels" / "cellulus") == teacher
     checkpoint = load_checkpoint(out / "refined.pt", kind="stardist")
     assert checkpoint.train_config["trusted_solidity"] is not None
+    # the cpu student on StarDist's grid of 2 (nuclei of 16 px), its crops fitted to the frames
+    assert checkpoint.model_config.grid == 2 and checkpoint.train_config["crop_size"] == 128
     # labels/refined: complete, listed beside labels/cellulus, on the image's grid
     labels_group = json.loads((out / "labels" / ".zattrs").read_text())
     assert labels_group["labels"] == ["cellulus", "refined"]
@@ -133,3 +135,11 @@ def test_resume_reuses_the_finished_model(predicted: Path, tmp_path: Path) -> No
     again = refine(out, train_minutes=0.05, workers=1, progress=False, resume=True)
     assert again.training is None and (out / "refined.pt").stat().st_mtime_ns == stamp
     assert np.array_equal(ome_io.open_labels(out, "refined").data.compute(), expected)
+
+
+def test_the_student_segments_narrow_objects_without_a_grid(predicted: Path) -> None:
+    """Objects narrower than GRID_MIN_DIAMETER would span fewer than 8 points of a grid of 2."""
+    assert student_settings(predicted, "cpu", "cpu", 16.0) == {"crop_size": 128}
+    narrow = student_settings(predicted, "cpu", "cpu", 12.0)
+    assert narrow == {"grid": 1, "crop_size": 128}
+    assert student_settings(predicted, "paper", "cpu", 12.0) == {"crop_size": 124}

@@ -35,7 +35,13 @@ from cellulus_scale.kernels.star_convex import (
     touching_border,
 )
 from cellulus_scale.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from cellulus_scale.model.unet import UNet, context, smallest_valid_size_at_least
+from cellulus_scale.model.unet import (
+    UNet,
+    context,
+    output_size,
+    pooling_step,
+    smallest_valid_size_at_least,
+)
 from cellulus_scale.simulation.simulate import SimulationSpec
 from cellulus_scale.simulation.store import write_simulation
 from cellulus_scale.training import loop
@@ -48,7 +54,7 @@ SHAPE = (200, 232)  # 96 and 128 do not divide it
 TINY = {
     "preset": "cpu",
     "feature_maps": 2,
-    "crop_size": 108,  # 20x20 output for the depth-3 network
+    "crop_size": 112,  # 16x16 output points for the cpu preset's depth-2 network on a grid of 2
     "batch_size": 1,
     "min_crops_per_epoch": 3,
     "num_workers": 0,
@@ -186,6 +192,55 @@ def test_3d_rendering_is_the_same_in_any_window() -> None:
 # --- training -------------------------------------------------------------------------------
 
 
+def test_crops_on_a_grid_carry_the_targets_of_every_second_pixel(simulated_store: Path) -> None:
+    """StarDist's grid: the same crop, and the targets of every second pixel of the output
+    region, distances still in pixels."""
+    image = ome_io.open_image(simulated_store)
+    labels = ome_io.open_labels(simulated_store, "ground_truth")
+    margin = context(2, grid=2)
+    assert margin == 40
+    every = LabelledCrops(image, labels, 112, margin, Normalisation(0, 1), 0, 4, 8)
+    second = LabelledCrops(image, labels, 112, margin, Normalisation(0, 1), 0, 4, 8, grid=2)
+    for index in range(3):
+        full, coarse = every[index], second[index]
+        assert torch.equal(full[0], coarse[0])
+        assert coarse[1].shape == coarse[3].shape == (16, 16)
+        assert coarse[2].shape == (8, 16, 16)
+        for a, b in zip(full[1:], coarse[1:], strict=True):
+            assert torch.equal(a[..., ::2, ::2], b)
+    assert coarse[2].max() > 4  # rays of a 16 px nucleus, in pixels
+
+
+def test_a_network_on_a_grid_predicts_every_second_pixel() -> None:
+    """Output sizes, context and pooling step of a depth-2 network on a grid of 2: its output is
+    one value per 2 px, and shifting the input by the pooling step (8 px) shifts it by 4."""
+    config = ModelConfig(depth=2, feature_maps=2, out_channels=9, grid=2)
+    size = smallest_valid_size_at_least(100, 2, grid=2)
+    assert output_size(size - 1, 2, grid=2) is None  # odd sizes do not fit the grid
+    out = output_size(size, 2, grid=2)
+    assert out is not None and size == 2 * out + 2 * context(2, grid=2)
+    assert pooling_step(2, grid=2) == 8
+    torch.manual_seed(0)
+    network = UNet(config).eval()
+    image = torch.randn(1, 1, size + 8, size + 8)
+    with torch.no_grad():
+        a = network(image[..., :size, :size])
+        b = network(image[..., 8:, 8:])
+    assert a.shape[-2:] == (out, out)
+    assert torch.allclose(a[..., 4:, 4:], b[..., :-4, :-4], atol=1e-5)
+    with pytest.raises(ValueError, match="2D"):
+        UNet(ModelConfig(spatial_dims=3, depth=1, grid=2))
+
+
+def test_an_oce_model_refuses_a_grid(simulated_store: Path, tmp_path: Path) -> None:
+    """An OCE model embeds every pixel: a grid is refused before anything is written."""
+    from cellulus_scale.training.oce import train
+
+    with pytest.raises(UserInputError, match="a grid is for StarDist models"):
+        train(simulated_store, tmp_path / "m.pt", preset="cpu", grid=2, progress=False)
+    assert not (tmp_path / "m.pt").exists()
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("supervised")
@@ -216,7 +271,7 @@ def model(workdir: Path, video: Path) -> Path:
 
 def test_training_writes_a_stardist_checkpoint_log_and_plot(model: Path) -> None:
     checkpoint = load_checkpoint(model, kind="stardist")
-    assert checkpoint.model_config.depth == 3
+    assert (checkpoint.model_config.depth, checkpoint.model_config.grid) == (2, 2)
     assert checkpoint.model_config.outputs == 1 + 32
     assert checkpoint.train_config["labels"] == "ground_truth"
     assert checkpoint.train_config["lr_drops"] == [0.6, 0.8]
@@ -247,7 +302,7 @@ def test_resume_after_an_interrupt_is_exact(
     with pytest.raises(KeyboardInterrupt):
         train_supervised(simulated_store, split, labels="ground_truth", epochs=2, **TINY)
     monkeypatch.undo()
-    assert load_checkpoint(split).training_state["step"] == 6  # 6 crops of 108x108 an epoch
+    assert load_checkpoint(split).training_state["step"] == 6  # 6 crops of 112x112 an epoch
     resumed = train_supervised(simulated_store, split, resume=True, progress=False)
     assert resumed.steps == 12
     a, b = load_checkpoint(full).state_dict, load_checkpoint(split).state_dict
@@ -441,7 +496,7 @@ def test_cli_trains_on_a_predict_output_and_predicts_with_it(
         "--preset",
         "cpu",
         "--crop-size",
-        108,
+        112,
         "--feature-maps",
         2,
         "--num-workers",
@@ -504,3 +559,20 @@ def test_cli_bad_input(
     )
     assert code == 2 and len(lines) == 1
     assert "'oce' model, but a 'stardist' model is needed" in lines[0]
+
+
+def test_cli_refuses_a_grid_for_a_volume(
+    cli_runner: CliRunner, volume: Path, tmp_path: Path
+) -> None:
+    code, lines, _ = invoke(
+        cli_runner,
+        "train-supervised",
+        volume,
+        tmp_path / "m.pt",
+        "--labels",
+        "ground_truth",
+        "--grid",
+        2,
+    )
+    assert code == 2 and len(lines) == 1 and "--grid 2 is for 2D images" in lines[0], lines
+    assert not (tmp_path / "m.pt").exists()

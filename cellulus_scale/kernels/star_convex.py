@@ -68,20 +68,21 @@ def _sequential(labels: np.ndarray) -> np.ndarray:
     return inverse.reshape(labels.shape).astype(np.uint16)
 
 
-def star_distances(labels: np.ndarray, n_rays: int | None = None) -> np.ndarray:
+def star_distances(labels: np.ndarray, n_rays: int | None = None, grid: int = 1) -> np.ndarray:
     """Radial distances (n_rays, *shape), float32: for every object pixel (voxel in 3D), the
     distance along each ray to the last pixel of the same object (outside the array counts as
     background); zero on background. Computed on ``labels`` as given, so objects cut by its
-    border are cut. ``n_rays`` defaults to 32 in 2D and 96 in 3D."""
+    border are cut. ``n_rays`` defaults to 32 in 2D and 96 in 3D. ``grid`` g: only every g-th
+    pixel along each axis (shape ceil(shape / g)), distances still in pixels."""
     from stardist.geometry import star_dist, star_dist3D
 
     if labels.ndim not in (2, 3):
         raise ValueError(f"star_distances takes a 2D or 3D label image, got {labels.ndim}D")
     n_rays = DEFAULT_RAYS[labels.ndim] if n_rays is None else n_rays
     if labels.ndim == 2:
-        distances = star_dist(_sequential(labels), n_rays)
+        distances = star_dist(_sequential(labels), n_rays, grid=(grid,) * 2)
     else:
-        distances = star_dist3D(_sequential(labels), sphere_rays(n_rays))
+        distances = star_dist3D(_sequential(labels), sphere_rays(n_rays), grid=(grid,) * 3)
     return np.ascontiguousarray(np.moveaxis(distances, -1, 0), dtype=np.float32)
 
 

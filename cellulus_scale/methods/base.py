@@ -160,11 +160,13 @@ def network_window(
     halo: int | Sequence[int],
     depth: int,
     flat_levels: Sequence[int] | None = None,
+    grid: int = 1,
 ) -> list[np.ndarray]:
     """Global indices, per axis, of the network's input for ``block``: from ``halo`` (one per
     axis, or the same on every axis) before the block to the smallest size the depth-``depth``
-    network (``flat_levels`` per axis, see :func:`~cellulus_scale.model.unet.output_size`) takes
-    that covers ``halo`` after it, reflected at the frame border."""
+    network (``flat_levels`` per axis and ``grid``, see
+    :func:`~cellulus_scale.model.unet.output_size`) takes that covers ``halo`` after it,
+    reflected at the frame border."""
     dims = len(block.start)
     halos = (halo,) * dims if isinstance(halo, int) else tuple(halo)
     flats = tuple(flat_levels) if flat_levels is not None else (0,) * dims
@@ -172,7 +174,7 @@ def network_window(
     for start, size, length, h, flat in zip(
         block.start, block.shape, plan.spatial_shape, halos, flats, strict=True
     ):
-        read = smallest_valid_size_at_least(size + 2 * h, depth, flat)
+        read = smallest_valid_size_at_least(size + 2 * h, depth, flat, grid)
         indices.append(reflect_indices(start - h, start - h + read, length))
     return indices
 

@@ -6,7 +6,8 @@ method's:
 
 1. ``candidates``: the network's object probability and ray lengths on the block grown by a
    halo H (one object diameter, rounded up to the pooling grid), read with the network's
-   context (``model.context(3)`` = 44 px per side on every axis for the depth-3 model) and
+   context (44 px per side on every axis for the depth-3 model, 40 for the depth-2 model on a
+   grid of 2, whose output is every second pixel along each axis: StarDist's grid) and
    reflect padding at the frame border; every pixel of the grown block whose probability
    exceeds ``prob_threshold`` is a candidate polygon (polyhedron in 3D); non-maximum
    suppression (overlap above ``nms_threshold``) runs on them; the block keeps the surviving
@@ -60,24 +61,39 @@ from cellulus_scale.methods.base import (
     postprocess_region,
 )
 from cellulus_scale.model.checkpoint import Checkpoint
+from cellulus_scale.model.unet import pooling_step
 
 
-def suppression_halo(plan: Plan, depth: int) -> tuple[int, int]:
+def suppression_halo(plan: Plan, step: int) -> tuple[int, int]:
     """(H, Hn): the candidates' halo (one diameter) and the network's output halo (H rounded
-    up to the depth-``depth`` pooling grid, so that every block reads on the same phase)."""
+    up to the network's pooling ``step``, so that every block reads on the same phase)."""
     halo = plan.settings.segmentation.clustering_halo
-    step = 2**depth
     return halo, int(math.ceil(halo / step)) * step
+
+
+def on_grid(
+    output: np.ndarray, origin: Sequence[int], grid: int, region: Sequence[slice]
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The part of ``output`` (C, *points; point i of an axis at pixel ``origin + grid * i``)
+    whose points lie in ``region`` (pixels), and those points' pixel coordinates per axis."""
+    window, coordinates = [slice(None)], []
+    for o, r, n in zip(origin, region, output.shape[1:], strict=True):
+        first = max(0, -(-(r.start - o) // grid))
+        last = min(n, max(first, -(-(r.stop - o) // grid)))
+        window.append(slice(first, last))
+        coordinates.append(o + grid * np.arange(first, last))
+    return output[tuple(window)], coordinates
 
 
 def candidates_task(plan: Plan, frame: int, block: Block) -> dict[str, np.ndarray]:
     """Network on the grown block, candidates, suppression; keep the survivors this block owns."""
     model, checkpoint, device = load_model(plan)
-    depth = checkpoint.model_config.depth
-    n_rays = checkpoint.model_config.outputs - 1
-    halo, network_halo = suppression_halo(plan, depth)
+    config = checkpoint.model_config
+    depth, grid = config.depth, config.grid
+    n_rays = config.outputs - 1
+    halo, network_halo = suppression_halo(plan, pooling_step(depth, 0, grid))
     context = plan.settings.network_context
-    indices = network_window(plan, block, network_halo + context, depth)
+    indices = network_window(plan, block, network_halo + context, depth, grid=grid)
     raw = read_region(plan, frame, indices)
     check_finite(raw, plan, frame)
     core_raw = raw[
@@ -95,14 +111,13 @@ def candidates_task(plan: Plan, frame: int, block: Block) -> dict[str, np.ndarra
             model, checkpoint.normalisation.apply(raw), device, seg.precision
         )
         region = block.grown(halo, plan.spatial_shape)
-        local = tuple(
-            slice(r.start - (s - network_halo), r.stop - (s - network_halo))
-            for r, s in zip(region, block.start, strict=True)
-        )
-        window = output[(slice(None), *local)]
-        foreground = int((window[0][block.inner(region)] > seg.prob_threshold).sum())
+        origin = [s - network_halo for s in block.start]
+        window, coordinates = on_grid(output, origin, grid, region)
+        inside = zip(coordinates, block.start, block.shape, strict=True)
+        core = np.ix_(*[(c >= s) & (c < s + n) for c, s, n in inside])
+        foreground = int((window[0][core] > seg.prob_threshold).sum()) * grid**plan.spatial_dims
         where = np.nonzero(window[0] > seg.prob_threshold)
-        candidates = np.stack(where, axis=1) + np.array([r.start for r in region])
+        candidates = np.stack([c[w] for c, w in zip(coordinates, where, strict=True)], axis=1)
         candidate_probs = window[0][where]
         candidate_dists = window[1:][(slice(None), *where)].T
         kept = suppress(candidates, candidate_probs, candidate_dists, seg.nms_threshold)
@@ -151,13 +166,13 @@ def number_candidates(
 
 
 def labels_task(
-    plan: Plan, frame: int, block: Block, depth: int, kept: dict[str, np.ndarray]
+    plan: Plan, frame: int, block: Block, kept: dict[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
     """Draw the kept polygons that overlap the grown block; in 'nucleus' mode outline them
     as Cellulus' objects (:func:`outline_nuclei`); write the block's core."""
     target = labels_array(plan)
     seg = plan.settings.segmentation
-    halo = suppression_halo(plan, depth)[0]
+    halo = plan.settings.segmentation.clustering_halo
     if seg.mode == "nucleus":  # an object of diameter d that touches the core, grown by d/4
         # on each side, its neighbours that compete for that ring and its own contrast ring
         halo += 3 * seg.contrast_ring
@@ -192,7 +207,7 @@ def run(session: Session, checkpoint: Checkpoint | None) -> MethodResult:
     """Candidates on the GPU workers (if any), numbered over the video, then drawn."""
     assert checkpoint is not None
     plan = session.plan
-    depth, n_rays = checkpoint.model_config.depth, checkpoint.model_config.outputs - 1
+    n_rays = checkpoint.model_config.outputs - 1
     with session.timed("network"):
         found = session.run(Stage("candidates", candidates_task, gpu=True))
         signal = [False] * plan.frames
@@ -213,7 +228,7 @@ def run(session: Session, checkpoint: Checkpoint | None) -> MethodResult:
         session.prepare_labels(objects, written_by=labels)
         scattered = session.scatter([[kept[f]] for f in range(plan.frames)])
         written = WrittenObjects()
-        session.run(labels, shared=(depth,), per_frame=scattered, collect=written.add)
+        session.run(labels, per_frame=scattered, collect=written.add)
     return MethodResult(written.count, stats)
 
 

@@ -48,6 +48,9 @@ def _center_crop(tensor: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 class UNet(nn.Module):
     """U-Net of valid convolutions: max-pool 2x down, nearest 2x up, cropped skips, 1x1 head.
 
+    With ``config.grid`` g > 1 (2D) the input's g x g cells become channels first
+    (space-to-depth), so the output has one value per g-th pixel along each axis.
+
     In 3D the first ``config.flat_levels`` levels (anisotropic voxels) pool (1, 2, 2) and
     convolve 1x3x3; the rest is isotropic."""
 
@@ -57,13 +60,15 @@ class UNet(nn.Module):
             raise ValueError(f"spatial_dims must be 2 or 3, got {config.spatial_dims}")
         self.config = config
         dims = config.spatial_dims
+        if config.grid < 1 or (config.grid > 1 and dims != 2):
+            raise ValueError(f"grid must be 1, or more for a 2D model, got {config.grid}")
         flat = [level < config.flat_levels for level in range(config.depth + 1)]
         self.flat = flat
         widths = [
             config.feature_maps * config.feature_factor**level for level in range(config.depth + 1)
         ]
         self.down = nn.ModuleList()
-        channels = config.in_channels
+        channels = config.in_channels * config.grid**dims  # space-to-depth of the grid cells
         for level in range(config.depth):
             self.down.append(_conv_block(dims, channels, widths[level], flat[level]))
             channels = widths[level]
@@ -87,6 +92,8 @@ class UNet(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.grid > 1:
+            x = nn.functional.pixel_unshuffle(x, self.config.grid)
         skips = []
         for block, pool in zip(self.down, self.pools, strict=True):
             x = block(x)
@@ -102,12 +109,16 @@ class UNet(nn.Module):
         return self.head(x)
 
 
-def output_size(input_size: int, depth: int, flat_levels: int = 0) -> int | None:
+def output_size(input_size: int, depth: int, flat_levels: int = 0, grid: int = 1) -> int | None:
     """Output length of the valid U-Net along one axis, or None if the input cannot be taken.
 
     ``flat_levels``: the first levels neither convolve nor pool along this axis (the z axis of
-    an anisotropic 3D network, whose first levels are 1x3x3 with (1, 2, 2) pooling)."""
-    size = input_size
+    an anisotropic 3D network, whose first levels are 1x3x3 with (1, 2, 2) pooling). ``grid``:
+    the input is taken in cells of ``grid`` pixels (a multiple of it) and the output counts
+    cells, one per ``grid`` pixels."""
+    if input_size % grid:
+        return None
+    size = input_size // grid
     for level in range(depth):
         if level < flat_levels:
             continue
@@ -127,13 +138,19 @@ def output_size(input_size: int, depth: int, flat_levels: int = 0) -> int | None
     return size
 
 
-def context(depth: int, flat_levels: int = 0) -> int:
+def context(depth: int, flat_levels: int = 0, grid: int = 1) -> int:
     """Pixels lost per side along one axis (the halo a block needs), computed from the
-    architecture (``flat_levels`` as in :func:`output_size`)."""
-    size = smallest_valid_size_at_least(1, depth, flat_levels)
-    out = output_size(size, depth, flat_levels)
+    architecture (``flat_levels`` and ``grid`` as in :func:`output_size`)."""
+    size = smallest_valid_size_at_least(1, depth, flat_levels, grid)
+    out = output_size(size, depth, flat_levels, grid)
     assert out is not None
-    return (size - out) // 2
+    return (size - out * grid) // 2
+
+
+def pooling_step(depth: int, flat_levels: int = 0, grid: int = 1) -> int:
+    """The pixels between two positions on which the network reads the same way along one
+    axis: its input must start on this grid for outputs not to depend on where it starts."""
+    return grid * 2 ** (depth - flat_levels)
 
 
 def axis_flat_levels(config: ModelConfig) -> tuple[int, ...]:
@@ -147,40 +164,47 @@ def axis_flat_levels(config: ModelConfig) -> tuple[int, ...]:
 
 def contexts(config: ModelConfig) -> tuple[int, ...]:
     """The context (halo) per spatial axis of the model ``config`` describes."""
-    return tuple(context(config.depth, flat) for flat in axis_flat_levels(config))
+    return tuple(context(config.depth, flat, config.grid) for flat in axis_flat_levels(config))
 
 
-def largest_valid_size_at_most(size: int, depth: int, flat_levels: int = 0) -> int | None:
+def pooling_steps(config: ModelConfig) -> tuple[int, ...]:
+    """:func:`pooling_step` per spatial axis of the model ``config`` describes."""
+    return tuple(pooling_step(config.depth, flat, config.grid) for flat in axis_flat_levels(config))
+
+
+def largest_valid_size_at_most(
+    size: int, depth: int, flat_levels: int = 0, grid: int = 1
+) -> int | None:
     """The largest input size <= ``size`` that the network can take (None if there is none)."""
     return next(
-        (s for s in range(size, 0, -1) if output_size(s, depth, flat_levels) is not None), None
+        (s for s in range(size, 0, -1) if output_size(s, depth, flat_levels, grid) is not None),
+        None,
     )
 
 
-def valid_sizes_near(size: int, depth: int, flat_levels: int = 0) -> list[int]:
+def valid_sizes_near(size: int, depth: int, flat_levels: int = 0, grid: int = 1) -> list[int]:
     """The valid input sizes nearest to ``size``: the largest below and the smallest above."""
-    largest = largest_valid_size_at_most(size, depth, flat_levels)
+    largest = largest_valid_size_at_most(size, depth, flat_levels, grid)
     below = [] if largest is None else [largest]
     above = [
         s
-        for s in range(size, size + 64 * 2**depth)
-        if output_size(s, depth, flat_levels) is not None
+        for s in range(size, size + 64 * grid * 2**depth)
+        if output_size(s, depth, flat_levels, grid) is not None
     ][:1]
     return sorted(set(below + above))
 
 
-def smallest_valid_size_at_least(size: int, depth: int, flat_levels: int = 0) -> int:
+def smallest_valid_size_at_least(size: int, depth: int, flat_levels: int = 0, grid: int = 1) -> int:
     """The smallest input size >= ``size`` that the network can take (along an axis with
     ``flat_levels``)."""
-    while output_size(size, depth, flat_levels) is None:
+    while output_size(size, depth, flat_levels, grid) is None:
         size += 1
     return size
 
 
-def check_input_size(size: int, depth: int, what: str = "crop size") -> None:
+def check_input_size(size: int, depth: int, what: str = "crop size", grid: int = 1) -> None:
     """Refuse (UserInputError) a ``size`` the network cannot take, naming the nearest valid ones."""
-    if output_size(size, depth) is None:
-        near = " or ".join(str(s) for s in valid_sizes_near(size, depth))
-        raise UserInputError(
-            f"{what} {size} does not fit the depth-{depth} valid U-Net", f"use {near}"
-        )
+    if output_size(size, depth, grid=grid) is None:
+        near = " or ".join(str(s) for s in valid_sizes_near(size, depth, grid=grid))
+        network = f"depth-{depth} valid U-Net" + (f" on a grid of {grid}" if grid > 1 else "")
+        raise UserInputError(f"{what} {size} does not fit the {network}", f"use {near}")

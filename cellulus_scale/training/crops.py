@@ -217,8 +217,9 @@ class LabelledCrops(torch.utils.data.Dataset):
         pixels get weight 0. Objects the teacher is not to be trusted on
     (:func:`~cellulus_scale.kernels.star_convex.doubtful_objects`: size outside ``trusted_area``
     pixels, solidity below ``trusted_solidity``) and a ring around them get weight 0 too: left
-    out of the loss rather than taught as background. Returns (image (C, *crop), probability
-    (*out), distances (n_rays, *out), weight (*out)).
+    out of the loss rather than taught as background. With ``grid`` g > 1 the targets are those
+    of every g-th pixel of the output region (the network's output grid). Returns (image (C,
+    *crop), probability (*out), distances (n_rays, *out), weight (*out)).
     """
 
     def __init__(
@@ -234,6 +235,7 @@ class LabelledCrops(torch.utils.data.Dataset):
         ignore_cut_objects: bool = True,
         trusted_area: tuple[float, float] | None = None,
         trusted_solidity: float | None = None,
+        grid: int = 1,
     ) -> None:
         self.image = image
         self.labels = labels
@@ -246,6 +248,7 @@ class LabelledCrops(torch.utils.data.Dataset):
         self.ignore_cut_objects = ignore_cut_objects
         self.trusted_area = trusted_area
         self.trusted_solidity = trusted_solidity
+        self.grid = grid
 
     def __len__(self) -> int:
         return self.length
@@ -262,11 +265,13 @@ class LabelledCrops(torch.utils.data.Dataset):
         frame, corner, raw = textured_crop(rng, self.image, self.shape)
         labels = read_crop(self.labels, frame, corner, self.shape)[0]
         crop, labels = augment_with_labels(self.normalisation.apply(raw), labels, rng)
-        inner = tuple(slice(self.margin, s - self.margin) for s in labels.shape)
+        g = self.grid
+        inner = tuple(slice(self.margin, s - self.margin, g) for s in labels.shape)
         doubtful = doubtful_objects(labels, self.trusted_area, self.trusted_solidity)
         labels = np.where(doubtful, 0, labels)
         probability = object_probability(labels)[inner]
-        distances = star_distances(labels, self.n_rays)[(slice(None), *inner)]
+        on_grid = tuple(slice(self.margin // g, (s - self.margin) // g) for s in labels.shape)
+        distances = star_distances(labels, self.n_rays, g)[(slice(None), *on_grid)]
         weight = np.ones(probability.shape, np.float32)
         if self.ignore_cut_objects:
             weight[touching_border(labels)[inner]] = 0.0

@@ -139,6 +139,10 @@ def check_crop_shape(
     """Refuse crops that do not suit the network or the image. 2D: squares of ``crop_size``
     (returns None); 3D: ``crop_size`` in-plane and :func:`crop_planes` planes, pairs within the
     physical radius ``kappa``."""
+    if model_config.grid != 1:
+        raise UserInputError(
+            "a grid is for StarDist models: an OCE model embeds every pixel", "drop grid"
+        )
     if len(shape) == 2:
         check_crop_size(config.crop_size, model_config.depth, config.kappa, shape)
         return None

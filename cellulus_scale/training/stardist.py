@@ -1,6 +1,7 @@
 """Supervised refinement (``cellulus-scale train-supervised``; seed, Appendix B).
 
-A depth-3 U-Net of the same blocks as the self-supervised model, trained with the StarDist
+A U-Net of the same blocks as the self-supervised model (depth 3; the cpu preset's depth 2 on
+StarDist's grid of 2 in 2D, which predicts every second pixel), trained with the StarDist
 objective (per-pixel object probability and star-convex radial distances) on an NGFF label
 image: typically Cellulus' own segmentation (``out.zarr`` from ``predict`` holds a copy of the
 image and ``labels/cellulus``), or true annotations. 2D objects are star-convex polygons (32
@@ -17,12 +18,18 @@ from typing import Any
 
 import torch
 
-from cellulus_scale.config import AUTO_PRESET, SUPERVISED_PRESETS, ModelConfig, SupervisedConfig
+from cellulus_scale.config import (
+    AUTO_PRESET,
+    SUPERVISED_DEPTH,
+    SUPERVISED_PRESETS,
+    ModelConfig,
+    SupervisedConfig,
+)
 from cellulus_scale.errors import UserInputError
 from cellulus_scale.io.ome_zarr import open_labels
 from cellulus_scale.kernels.star_convex import DEFAULT_RAYS, MIN_RAYS
 from cellulus_scale.model.loss import stardist_loss
-from cellulus_scale.model.unet import check_input_size, context, largest_valid_size_at_most
+from cellulus_scale.model.unet import check_input_size, contexts, largest_valid_size_at_most
 from cellulus_scale.training.crops import (
     LabelledCrops,
     check_labels_match,
@@ -40,6 +47,8 @@ from cellulus_scale.training.loop import (
 )
 
 KIND = "stardist"
+#: The network of every preset in 3D: depth 3 without a grid (the cpu preset's grid is 2D only).
+VOLUME_NETWORK = {"grid": 1, "depth": SUPERVISED_DEPTH}
 INIT_CROPS = 8  # crops whose targets set the initial ray length
 LOG_COLUMNS = ["step", "epoch", "loss", "prob", "dist", "lr", "seconds", "data_wait"]
 
@@ -49,11 +58,16 @@ def check_supervised_crop(
 ) -> None:
     """Refuse crops the depth-``d`` network cannot take or that do not fit in the image (the
     crops are of ``crop_size`` on every axis)."""
-    depth = model_config.depth
-    check_input_size(config.crop_size, depth)
+    depth, grid = model_config.depth, model_config.grid
+    dims = len(spatial_shape)
+    if grid > 1 and dims != 2:
+        raise UserInputError(
+            f"--grid {grid} is for 2D images; this image is {dims}D", "drop --grid"
+        )
+    check_input_size(config.crop_size, depth, grid=grid)
     side = min(spatial_shape)
     if config.crop_size > side:
-        largest = largest_valid_size_at_most(side, depth)
+        largest = largest_valid_size_at_most(side, depth, grid=grid)
         shape = "x".join(map(str, spatial_shape))
         if largest is None:
             raise UserInputError(
@@ -65,7 +79,6 @@ def check_supervised_crop(
             f"crop size {config.crop_size} is larger than the image ({shape})",
             f"use --crop-size {largest} or smaller (a size the depth-{depth} network can take)",
         )
-    dims = len(spatial_shape)
     if config.n_rays < MIN_RAYS[dims]:
         raise UserInputError(
             f"--n-rays {config.n_rays} is too few for {dims}D images",
@@ -104,7 +117,7 @@ def train_supervised(
     progress: bool = True,
     **overrides: Any,
 ) -> TrainResult:
-    """Train the depth-3 StarDist model on random crops of an OME-Zarr image and of its label
+    """Train a StarDist model (the preset's) on random crops of an OME-Zarr image and of its label
     image ``labels/<labels>``; write MODEL.pt (kind "stardist") beside a CSV loss log and a PNG
     loss plot. ``overrides`` take any ModelConfig or SupervisedConfig field.
 
@@ -124,15 +137,17 @@ def train_supervised(
             "--labels is missing",
             "name the label image to learn from, e.g. --labels cellulus (a 'predict' output)",
         )
-    if not resume and image.spatial_dims == 3 and "n_rays" not in overrides:
-        overrides["n_rays"] = DEFAULT_RAYS[3]  # rays on a sphere: 96 by default in 3D
+    if not resume and image.spatial_dims == 3:
+        overrides.setdefault("n_rays", DEFAULT_RAYS[3])  # rays on a sphere: 96 by default in 3D
+        if "grid" not in overrides and "depth" not in overrides:
+            overrides.update(VOLUME_NETWORK)  # a grid is for 2D images
     if "n_rays" in overrides and not resume:
         overrides.setdefault("out_channels", 1 + int(overrides["n_rays"]))
     setup = prepare_training(image, model_path, SUPERVISED, options, overrides)
     config: SupervisedConfig = setup.train_config
     label_image = open_labels(image.path, config.labels)
     check_labels_match(image, label_image, config.labels)
-    margin = context(setup.model_config.depth)
+    margin = contexts(setup.model_config)[-1]
     trusted_area = None
     if config.trusted_size is not None:
         typical = median_object_size(label_image, crop_shape(image, config.crop_size), config.seed)
@@ -151,6 +166,7 @@ def train_supervised(
             config.ignore_cut_objects,
             trusted_area,
             config.trusted_solidity,
+            setup.model_config.grid,
         )
 
     def step_loss(

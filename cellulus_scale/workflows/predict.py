@@ -42,7 +42,7 @@ from cellulus_scale.methods import oce, stardist, watershed
 from cellulus_scale.methods.base import Method, MethodSettings, Statistics
 from cellulus_scale.model.checkpoint import Checkpoint, check_compatible, load_checkpoint
 from cellulus_scale.model.device import choose_device
-from cellulus_scale.model.unet import axis_flat_levels, context, contexts
+from cellulus_scale.model.unet import axis_flat_levels, context, contexts, pooling_step
 from cellulus_scale.tracking.stages import LinkSettings, finish_tracks, run_linking
 from cellulus_scale.training.loop import TrainResult, training_finished
 from cellulus_scale.training.oce import check_trainable, largest_crop_within, train
@@ -388,7 +388,7 @@ def method_settings(
     return MethodSettings(
         segmentation=segmentation,
         model_path=model_location(model_path),
-        network_context=context(depth) if model_path is not None else 0,
+        network_context=max(halos) if halos is not None else 0,
         network_halos=halos if halos is not None and len(set(halos)) > 1 else None,
         spacing=trained,
         voxel_size=spacing,
@@ -628,11 +628,12 @@ def axis_limits(
     an anisotropic model pools only below its flat levels and needs fewer planes for a diameter
     (``voxel_size``: the voxel size in in-plane pixels)."""
     flats = axis_flat_levels(network) if network is not None else (0,) * spatial_dims
+    grid = network.grid if network is not None else 1
     limits = []
     for axis, name in enumerate("zyx"[-spatial_dims:]):
         extent = diameter / (float(voxel_size[axis]) if voxel_size is not None else 1.0)
-        halo = context(depth, flats[axis])
-        step = 2 ** (depth - flats[axis])
+        halo = context(depth, flats[axis], grid)
+        step = pooling_step(depth, flats[axis], grid)
         minimum = max(2 * halo, int(math.ceil(extent - 1e-9)), step)
         limits.append(AxisLimits(name, step, minimum, halo))
     return limits

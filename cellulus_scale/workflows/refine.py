@@ -17,6 +17,7 @@ from typing import Any
 from cellulus_scale.blockwise.plan import LABELS_NAME, WORK_DIR
 from cellulus_scale.config import (
     AUTO_PRESET,
+    GRID_MIN_DIAMETER,
     REFINE_HYGIENE,
     SELF_TRAINING_CPU_MINUTES,
     SUPERVISED_PRESETS,
@@ -63,16 +64,30 @@ def check_refinable(output: Path) -> float:
     return float(status["diameter"])
 
 
-def fitting_crop(output: Path, preset: str, device_type: str) -> dict[str, int]:
-    """``{"crop_size": side}`` where the preset's crops are larger than the image (the largest
-    crop the network takes that fits), else nothing: a small video refines as a large one."""
+def student_settings(
+    output: Path, preset: str, device_type: str, diameter: float
+) -> dict[str, int]:
+    """What the run asks of the preset's student: no grid for objects narrower than
+    :data:`~cellulus_scale.config.GRID_MIN_DIAMETER` (``{"grid": 1}``; in 3D
+    :func:`~cellulus_scale.training.stardist.train_supervised` drops it), and
+    ``{"crop_size": side}`` where the preset's crops are larger than the image (the largest
+    crop the network takes that fits): a small video refines as a large one."""
+    from cellulus_scale.training.stardist import VOLUME_NETWORK
+
     image = ome_zarr.open_image(output)
     chosen = SUPERVISED_PRESETS[auto_preset(device_type) if preset == AUTO_PRESET else preset]
+    settings: dict[str, int] = {}
+    depth, grid = chosen.model.depth, chosen.model.grid
+    if image.spatial_dims == 3:
+        depth, grid = VOLUME_NETWORK["depth"], VOLUME_NETWORK["grid"]
+    elif grid > 1 and diameter < GRID_MIN_DIAMETER:
+        settings["grid"] = grid = 1
     side = min(image.canonical_shape[-image.spatial_dims :])
-    if chosen.train.crop_size <= side:
-        return {}
-    fits = largest_valid_size_at_most(side, chosen.model.depth)
-    return {"crop_size": fits} if fits is not None else {}
+    if chosen.train.crop_size > side:
+        fits = largest_valid_size_at_most(side, depth, grid=grid)
+        if fits is not None:
+            settings["crop_size"] = fits
+    return settings
 
 
 def refine(
@@ -110,7 +125,9 @@ def refine(
         train_minutes = SELF_TRAINING_CPU_MINUTES
     continuing = resume and model.exists()
     overrides = (
-        {} if continuing else {**REFINE_HYGIENE, **fitting_crop(output, preset, device_type)}
+        {}
+        if continuing
+        else {**REFINE_HYGIENE, **student_settings(output, preset, device_type, diameter)}
     )
     training = None
     if not (continuing and training_finished(load_checkpoint(model, kind="stardist"))):
