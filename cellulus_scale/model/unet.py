@@ -167,11 +167,6 @@ def contexts(config: ModelConfig) -> tuple[int, ...]:
     return tuple(context(config.depth, flat, config.grid) for flat in axis_flat_levels(config))
 
 
-def pooling_steps(config: ModelConfig) -> tuple[int, ...]:
-    """:func:`pooling_step` per spatial axis of the model ``config`` describes."""
-    return tuple(pooling_step(config.depth, flat, config.grid) for flat in axis_flat_levels(config))
-
-
 def largest_valid_size_at_most(
     size: int, depth: int, flat_levels: int = 0, grid: int = 1
 ) -> int | None:
