@@ -230,6 +230,14 @@ class SupervisedConfig(CropTraining):
 #: SEG +0.01 and AP +0.03 after 10 minutes, on BBBC039).
 REFINE_HYGIENE: dict[str, Any] = {"trusted_size": (0.25, 4.0), "trusted_solidity": 0.85}
 
+#: ``refine``'s object probability threshold (StarDist's ``prob_thresh``; other StarDist models
+#: keep :attr:`SegmentationConfig.prob_threshold`). A student trained for minutes on
+#: pseudo-labels is less sure of small and cut nuclei than a fully trained model, whose
+#: optimised thresholds StarDist reports near 0.5. Chosen on real data (README, "The student at
+#: the frame's border": 0.4 against 0.5 gave SEG +0.004 and +0.007 on 50 and 16 BBBC039 fields,
+#: F1 +0 and +0.003, AP -0.001 and +0; 0.3 no better).
+REFINE_PROB_THRESHOLD = 0.4
+
 SUPERVISED_DEPTH = 3
 CPU_SUPERVISED_DEPTH = 2  # on StarDist's grid of 2: the field of view of depth 3 without it
 SUPERVISED_PRESETS: dict[str, Preset] = {

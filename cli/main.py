@@ -16,6 +16,7 @@ from cellulus_scale.config import (
     NGFF_VERSION,
     NGFF_VERSIONS,
     PRECISIONS,
+    REFINE_PROB_THRESHOLD,
     SELF_TRAINING_CPU_MINUTES,
     NucleusThreshold,
     SegmentationConfig,
@@ -115,29 +116,34 @@ def _report_training(result: Any) -> None:
     )
 
 
-STARDIST_OPTIONS = [
-    click.option(
-        "--prob-threshold",
-        type=float,
-        default=default_of(SegmentationConfig, "prob_threshold"),
-        show_default=True,
-        help="StarDist models: object probability of a candidate.",
-    ),
-    click.option(
-        "--nms-threshold",
-        type=float,
-        default=default_of(SegmentationConfig, "nms_threshold"),
-        show_default=True,
-        help="StarDist models: overlap above which a candidate is suppressed.",
-    ),
-]
+def stardist_options(
+    prob_threshold: float = default_of(SegmentationConfig, "prob_threshold"),
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The options 'predict' and 'refine' share for StarDist models (``prob_threshold``: the
+    command's default)."""
+    options = [
+        click.option(
+            "--prob-threshold",
+            type=float,
+            default=prob_threshold,
+            show_default=True,
+            help="StarDist models: object probability of a candidate.",
+        ),
+        click.option(
+            "--nms-threshold",
+            type=float,
+            default=default_of(SegmentationConfig, "nms_threshold"),
+            show_default=True,
+            help="StarDist models: overlap above which a candidate is suppressed.",
+        ),
+    ]
 
+    def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            function = option(function)
+        return function
 
-def stardist_options(function: Callable[..., Any]) -> Callable[..., Any]:
-    """The options 'predict' and 'refine' share for StarDist models."""
-    for option in reversed(STARDIST_OPTIONS):
-        function = option(function)
-    return function
+    return decorate
 
 
 class StorePath(click.ParamType):
@@ -583,7 +589,7 @@ def train_supervised(image: Path, model: Path, **options: Any) -> None:
 )
 @click.option("--axes", default=None, help="Axis names of a plain zarr array, e.g. tyx.")
 @click.option("--seed", default=0, show_default=True)
-@stardist_options
+@stardist_options()
 @click.option("--voxel-size", type=VoxelSize(), default=None, help=VOXEL_SIZE_HELP)
 @click.option("--save-embeddings", is_flag=True, help="Keep offsets and std as an NGFF image.")
 @click.option(
@@ -723,7 +729,7 @@ def link(store: Path, **options: Any) -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--scheduler", default=None, help="Address of a Dask scheduler (tcp:// or tls://).")
 @click.option("--workers", type=int, default=None, help="Local workers (default: one per core).")
-@stardist_options
+@stardist_options(REFINE_PROB_THRESHOLD)
 @click.option("--overwrite", is_flag=True, help="Replace existing labels/refined.")
 @click.option("--resume", is_flag=True, help="Finish an interrupted refinement.")
 @user_errors

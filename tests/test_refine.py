@@ -12,13 +12,21 @@ import pytest
 import torch
 import zarr
 from conftest import assert_one_line_error, tree_digest
+from ome_zarr.writer import write_image as ome_write_image
+from ome_zarr.writer import write_labels as ome_write_labels
 
+from cellulus_scale.config import REFINE_PROB_THRESHOLD
 from cellulus_scale.io import ome_zarr as ome_io
 from cellulus_scale.kernels.normalisation import Normalisation
 from cellulus_scale.kernels.star_convex import doubtful_objects
 from cellulus_scale.model.checkpoint import load_checkpoint
 from cellulus_scale.model.unet import context
-from cellulus_scale.training.crops import LabelledCrops, median_object_size
+from cellulus_scale.training.crops import (
+    LabelledCrops,
+    median_object_size,
+    outside_frame,
+    read_padded_crop,
+)
 from cellulus_scale.workflows.predict import predict
 from cellulus_scale.workflows.refine import refine, student_settings
 
@@ -35,6 +43,61 @@ def test_doubtful_objects_are_those_of_unusual_size_or_shape() -> None:
     assert mask[39, 40] and not mask[37, 40]  # the ring of 2 pixels around the fragment
     assert not doubtful_objects(labels, None, None).any()
     assert set(np.unique(labels[doubtful_objects(labels, None, 0.85, 0)])) == {2}
+
+
+def test_objects_cut_by_the_frame_may_be_small() -> None:
+    labels = np.zeros((32, 32), np.int32)
+    labels[10:13, 0:3] = 1  # 9 pixels, cut by the frame's border (left of the crop)
+    labels[20:23, 20:23] = 2  # 9 pixels inside: a fragment
+    outside = np.zeros((36, 36), bool)
+    outside[:, :4] = True
+    padded = np.pad(labels, ((2, 2), (4, 0)))
+    mask = doubtful_objects(padded, (20.0, 400.0), None, margin=0, cut=outside)
+    assert set(np.unique(padded[mask])) == {2}
+    big = np.pad(np.ones((32, 32), np.int32), ((2, 2), (4, 0)))  # too large, cut or not
+    assert doubtful_objects(big, (20.0, 400.0), None, margin=0, cut=outside).sum() == 1024
+
+
+def test_padded_crops_reflect_the_image_as_prediction_does(simulated_store: Path) -> None:
+    image = ome_io.open_image(simulated_store)
+    frame = np.asarray(image.canonical()[2, :, 0])  # (C, y, x)
+    pads = ((0, 0), (30, 30), (30, 30))
+    reflected, zeros = np.pad(frame, pads, mode="reflect"), np.pad(frame, pads)
+    inside = np.pad(np.ones(frame.shape[1:], bool), 30)
+    for corner in [(-30, -30), (-7, 40), (100, 98), (0, 0), (10, 20)]:
+        window = tuple(slice(c + 30, c + 30 + 58) for c in corner)
+        crop = read_padded_crop(image, 2, corner, (58, 58))
+        assert np.array_equal(crop, reflected[(slice(None), *window)])
+        labels = read_padded_crop(image, 2, corner, (58, 58), "constant")
+        assert np.array_equal(labels, zeros[(slice(None), *window)])
+        assert np.array_equal(outside_frame(image, corner, (58, 58)), ~inside[window])
+
+
+def test_crops_teach_a_nucleus_cut_by_the_frame_border(tmp_path: Path) -> None:
+    """A crop's output region reaches the frame's border, as prediction's blocks do: the only
+    nucleus of this image, a half disc cut by the frame's left edge, is taught (cut) even where
+    it is smaller than the trusted sizes. Crops held inside the frame could not reach it."""
+    side, margin, radius = 108, context(3), 12
+    rows, cols = np.indices((side, side))
+    nucleus = ((rows - 54) ** 2 + cols**2 <= radius**2).astype(np.uint32)
+    rng = np.random.default_rng(0)
+    raw = (100 + 800 * nucleus + rng.normal(0, 10, (side, side))).astype(np.uint16)
+    root = zarr.open_group(str(tmp_path / "cut.zarr"), mode="w")
+    ome_write_image(raw, root, axes="yx")
+    ome_write_labels(nucleus, root, name="truth", axes="yx")
+    image = ome_io.open_image(tmp_path / "cut.zarr")
+    labels = ome_io.open_labels(tmp_path / "cut.zarr", "truth")
+    whole_disc = np.pi * radius**2
+    crops = LabelledCrops(
+        image, labels, side, margin, Normalisation(100, 900), 0, 24, 8,
+        trusted_area=(0.75 * whole_disc, 4 * whole_disc),
+    )  # fmt: skip
+    samples = [crops[index] for index in range(len(crops))]  # a Dataset: no end to iterate
+    taught = [float(((prob > 0) & (weight > 0)).sum()) for _, prob, _, weight in samples]
+    assert max(taught) > 20  # most of the half disc inside some output region
+    for _, probability, distances, weight in samples:
+        inside = (probability > 0) & (weight > 0)
+        assert torch.all(distances[:, inside].max(dim=0).values <= 2 * radius + 1)
 
 
 def test_crops_leave_doubtful_objects_out_of_the_loss(simulated_store: Path) -> None:
@@ -100,6 +163,8 @@ def test_refine_writes_labels_refined_beside_the_run_s_own(
     record = zarr.open_group(str(out / "labels" / "refined"), mode="r").attrs
     assert record["cellulus_scale"]["status"] == "complete"
     assert record["cellulus_scale"]["diameter"] == 16
+    segmentation = record["cellulus_scale"]["plan"]["segmentation"]
+    assert segmentation["prob_threshold"] == REFINE_PROB_THRESHOLD != 0.5  # refine's own
     assert ome_io.run_status(out)["status"] == "complete"
     # a second refine refuses to replace them without --overwrite
     again = run_cli("refine", out, "--train-minutes", "0.1", "--workers", "1")

@@ -101,19 +101,27 @@ def doubtful_objects(
     area_range: tuple[float, float] | None,
     min_solidity: float | None,
     margin: int = 2,
+    cut: np.ndarray | None = None,
 ) -> np.ndarray:
     """Mask of the pixels a teacher's labels are not to be trusted on: every object whose size
     (pixels; voxels in 3D) lies outside ``area_range`` or whose solidity (its share of its
     convex hull: low for two touching nuclei taken as one) is below ``min_solidity``, grown by
-    ``margin`` pixels. ``None`` leaves out that test."""
+    ``margin`` pixels. ``None`` leaves out that test. Objects next to the ``cut`` mask (the
+    part of a crop past the frame's border) are cut by it, so may be smaller than the range."""
     from scipy import ndimage
     from skimage.measure import regionprops
 
     if area_range is None and min_solidity is None:
         return np.zeros(labels.shape, bool)
 
+    cut_ids: set[int] = set()
+    if cut is not None and cut.any():
+        cut_ids = set(np.unique(labels[ndimage.binary_dilation(cut)]).tolist()) - {0}
+
     def doubtful(region: Any) -> bool:
-        if area_range is not None and not area_range[0] <= region.area <= area_range[1]:
+        if area_range is not None and region.area > area_range[1]:
+            return True
+        if area_range is not None and region.area < area_range[0] and region.label not in cut_ids:
             return True
         if min_solidity is None or region.area < 3**labels.ndim:  # too small for a hull
             return False

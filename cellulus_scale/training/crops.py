@@ -42,24 +42,94 @@ def read_crop(
     return np.asarray(block.compute(scheduler="synchronous"))
 
 
+def read_padded_crop(
+    image: OmeImage,
+    frame: int,
+    corner: tuple[int, ...],
+    shape: tuple[int, ...],
+    mode: str = "reflect",
+) -> np.ndarray:
+    """Read one (C, *spatial) crop that may reach past the frame's border: ``'reflect'``ed
+    there as prediction reflects an image
+    (:func:`~cellulus_scale.kernels.noise.reflect_indices`), or ``'constant'`` 0 (background,
+    for labels). Only the chunks the crop touches are read."""
+    from cellulus_scale.kernels.noise import reflect_indices
+
+    spatial = image.canonical_shape[-len(shape) :]
+    if mode == "reflect":
+        indices = [
+            reflect_indices(c, c + s, size)
+            for c, s, size in zip(corner, shape, spatial, strict=True)
+        ]
+        low = tuple(int(i.min()) for i in indices)
+        block = read_crop(
+            image,
+            frame,
+            low,
+            tuple(int(i.max()) + 1 - a for i, a in zip(indices, low, strict=True)),
+        )
+        local = [i - a for i, a in zip(indices, low, strict=True)]
+        return block[(slice(None), *np.ix_(*local))]
+    inside = [
+        (max(c, 0), min(c + s, size)) for c, s, size in zip(corner, shape, spatial, strict=True)
+    ]
+    block = read_crop(image, frame, tuple(a for a, _ in inside), tuple(b - a for a, b in inside))
+    pads = [(0, 0)] + [
+        (a - c, c + s - b) for (a, b), c, s in zip(inside, corner, shape, strict=True)
+    ]
+    return np.pad(block, pads) if any(before or after for before, after in pads) else block
+
+
+def outside_frame(image: OmeImage, corner: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
+    """Mask of a crop's pixels (at ``corner``, of ``shape``) that lie past the frame's border."""
+    spatial = image.canonical_shape[-len(shape) :]
+    outside = np.zeros(shape, bool)
+    for axis, (c, s, size) in enumerate(zip(corner, shape, spatial, strict=True)):
+        positions = np.arange(c, c + s)
+        along = (positions < 0) | (positions >= size)
+        outside |= along.reshape([-1 if a == axis else 1 for a in range(len(shape))])
+    return outside
+
+
 def random_corner(
-    rng: np.random.Generator, image: OmeImage, shape: tuple[int, ...]
+    rng: np.random.Generator,
+    image: OmeImage,
+    shape: tuple[int, ...],
+    reach: int = 0,
+    spread: int = 0,
 ) -> tuple[int, tuple[int, ...]]:
+    """A random frame and crop corner; the crop lies inside the frame, or reaches up to
+    ``reach`` pixels past its border. With ``spread``, the corner is drawn from a range
+    ``spread`` wider on each side and clipped: a crop at the border is ``spread + 1`` times as
+    likely as one elsewhere, so that the pixels near the border are not seen less often."""
     frames, _, depth, height, width = image.canonical_shape
     spatial = (depth, height, width)[-len(shape) :]
     frame = int(rng.integers(frames))
-    corner = tuple(int(rng.integers(size - s + 1)) for size, s in zip(spatial, shape, strict=True))
+    corner = tuple(
+        min(max(int(rng.integers(size - s + 1 + 2 * (reach + spread))) - reach - spread, -reach),
+            size - s + reach)
+        for size, s in zip(spatial, shape, strict=True)
+    )  # fmt: skip
     return frame, corner
 
 
 def textured_crop(
-    rng: np.random.Generator, image: OmeImage, shape: tuple[int, ...]
+    rng: np.random.Generator,
+    image: OmeImage,
+    shape: tuple[int, ...],
+    reach: int = 0,
+    spread: int = 0,
 ) -> tuple[int, tuple[int, ...], np.ndarray]:
     """(frame, corner, crop) of a random crop that is not constant (up to 100 draws; the last
-    one is taken when every draw is constant)."""
+    one is taken when every draw is constant); ``reach`` and ``spread`` as in
+    :func:`random_corner`, the part past the border reflected."""
     for _ in range(100):
-        frame, corner = random_corner(rng, image, shape)
-        raw = read_crop(image, frame, corner, shape)
+        frame, corner = random_corner(rng, image, shape, reach, spread)
+        raw = (
+            read_padded_crop(image, frame, corner, shape)
+            if reach
+            else read_crop(image, frame, corner, shape)
+        )
         if raw.size and raw.max() > raw.min():
             break
     return frame, corner, raw
@@ -209,17 +279,21 @@ def check_labels_match(image: OmeImage, labels: OmeImage, name: str) -> None:
 
 class LabelledCrops(torch.utils.data.Dataset):
     """Random crops of an image and of its instance labels at the same place, with StarDist
-        targets for the network's output region (the crop less ``margin`` on every side).
+    targets for the network's output region (the crop less ``margin`` on every side).
 
-        Sample ``index`` is a function of (seed, index) alone, as in :class:`RandomCrops`. Both
-        crops are read lazily (only the chunks they touch). The targets are computed on the whole
-        label crop: objects cut by the crop border are cut, and with ``ignore_cut_objects`` their
-        pixels get weight 0. Objects the teacher is not to be trusted on
-    (:func:`~cellulus_scale.kernels.star_convex.doubtful_objects`: size outside ``trusted_area``
-    pixels, solidity below ``trusted_solidity``) and a ring around them get weight 0 too: left
-    out of the loss rather than taught as background. With ``grid`` g > 1 the targets are those
-    of every g-th pixel of the output region (the network's output grid). Returns (image (C,
-    *crop), probability (*out), distances (n_rays, *out), weight (*out)).
+    Sample ``index`` is a function of (seed, index) alone, as in :class:`RandomCrops`. Both
+    crops are read lazily (only the chunks they touch). The output region reaches the frame's
+    border, as prediction's blocks do, and about as often as it covers any other pixel: the
+    crop's context past the border is reflected (as prediction reflects it) and its labels there
+    are background, so an object cut by the frame's border is taught as cut. The targets are
+    computed on the whole label crop: objects cut by the crop border are cut, and with
+    ``ignore_cut_objects`` their pixels get weight 0. Objects the teacher is not to be trusted
+    on (:func:`~cellulus_scale.kernels.star_convex.doubtful_objects`: size outside
+    ``trusted_area`` pixels, solidity below ``trusted_solidity``; an object cut by the frame's
+    border may be smaller) and a ring around them get weight 0 too: left out of the loss rather
+    than taught as background. With ``grid`` g > 1 the targets are those of every g-th pixel of
+    the output region (the network's output grid). Returns (image (C, *crop), probability
+    (*out), distances (n_rays, *out), weight (*out)).
     """
 
     def __init__(
@@ -262,12 +336,17 @@ class LabelledCrops(torch.utils.data.Dataset):
         )
 
         rng = np.random.default_rng([self.seed, int(index)])
-        frame, corner, raw = textured_crop(rng, self.image, self.shape)
-        labels = read_crop(self.labels, frame, corner, self.shape)[0]
+        spread = (min(self.shape) - 2 * self.margin) // 2  # half the output region
+        frame, corner, raw = textured_crop(rng, self.image, self.shape, self.margin, spread)
+        labels = read_padded_crop(self.labels, frame, corner, self.shape, "constant")[0]
+        labels = labels.astype(np.int64)
+        labels[outside_frame(self.labels, corner, self.shape)] = -1  # flipped with the labels
         crop, labels = augment_with_labels(self.normalisation.apply(raw), labels, rng)
+        outside = labels < 0
+        labels[outside] = 0
         g = self.grid
         inner = tuple(slice(self.margin, s - self.margin, g) for s in labels.shape)
-        doubtful = doubtful_objects(labels, self.trusted_area, self.trusted_solidity)
+        doubtful = doubtful_objects(labels, self.trusted_area, self.trusted_solidity, cut=outside)
         labels = np.where(doubtful, 0, labels)
         probability = object_probability(labels)[inner]
         on_grid = tuple(slice(self.margin // g, (s - self.margin) // g) for s in labels.shape)

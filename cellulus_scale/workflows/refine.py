@@ -19,6 +19,7 @@ from cellulus_scale.config import (
     AUTO_PRESET,
     GRID_MIN_DIAMETER,
     REFINE_HYGIENE,
+    REFINE_PROB_THRESHOLD,
     SELF_TRAINING_CPU_MINUTES,
     SUPERVISED_PRESETS,
     auto_preset,
@@ -100,6 +101,7 @@ def refine(
     overwrite: bool = False,
     resume: bool = False,
     progress: bool = True,
+    prob_threshold: float = REFINE_PROB_THRESHOLD,
     **predict_options: Any,
 ) -> RefineResult:
     """Train a StarDist model on the run ``output_path``'s own labels (``labels/cellulus``),
@@ -109,9 +111,11 @@ def refine(
     Training uses ``preset`` (``auto``: the paper's where a GPU trains, the cpu preset elsewhere)
     for ``epochs`` (the preset's by default) within ``train_minutes`` (by default
     :data:`~cellulus_scale.config.SELF_TRAINING_CPU_MINUTES` on a CPU, the whole schedule on a
-    GPU). ``resume`` continues an interrupted refinement (training, then prediction);
-    ``predict_options`` go to :func:`~cellulus_scale.workflows.predict.predict` (the cluster:
-    ``workers``, ``scheduler``, ``client``; ``prob_threshold``, ``nms_threshold``)."""
+    GPU). ``resume`` continues an interrupted refinement (training, then prediction). The
+    student's objects are its candidates above ``prob_threshold``
+    (:data:`~cellulus_scale.config.REFINE_PROB_THRESHOLD`); ``predict_options`` go to
+    :func:`~cellulus_scale.workflows.predict.predict` (the cluster: ``workers``, ``scheduler``,
+    ``client``; ``nms_threshold``)."""
     from cellulus_scale.training.stardist import train_supervised
 
     output = local_store(output_path, "refine")
@@ -157,6 +161,7 @@ def refine(
         progress=progress,
         into_input=True,
         labels_name=REFINED_LABELS,
+        prob_threshold=prob_threshold,
         **predict_options,
     )
     return RefineResult(model, training, prediction)
