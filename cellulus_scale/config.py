@@ -38,6 +38,10 @@ class ModelConfig:
     # nothing is lost) and predicts at every g-th pixel: g^2 times fewer network pixels and a
     # field of view g times wider. 1: every pixel.
     grid: int = 1
+    # 3D: the bottom level, too, may convolve 1x3x3 (a z step of 4 px or more at depth 1), so
+    # that a stack of a few widely spaced planes trains. False: checkpoints written before it
+    # could, whose bottom level always convolves 3x3x3.
+    flat_bottom: bool = True
 
     @property
     def outputs(self) -> int:
@@ -47,19 +51,21 @@ class ModelConfig:
     def flat_levels(self) -> int:
         """The first levels that pool (1, 2, 2) and convolve 1x3x3 (3D only): those where the z
         step is still at least :data:`ANISOTROPY_FACTOR` times the level's in-plane pixel, as
-        anisotropic 3D U-Nets do; 0 for isotropic data and 2D."""
+        anisotropic 3D U-Nets do; 0 for isotropic data and 2D. ``depth + 1`` (every level, the
+        bottom included, with ``flat_bottom``): the network never mixes planes."""
         if self.spatial_dims != 3 or self.spacing is None:
             return 0
         ratio = float(self.spacing[0]) / float(min(self.spacing[1:]))
         levels = 0
-        while levels < self.depth and ratio / 2**levels >= ANISOTROPY_FACTOR:
+        most = self.depth + 1 if self.flat_bottom else self.depth
+        while levels < most and ratio / 2**levels >= ANISOTROPY_FACTOR:
             levels += 1
         return levels
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
         if self.spacing is None:  # checkpoints of isotropic data keep their earlier layout
-            del values["spacing"]
+            del values["spacing"], values["flat_bottom"]
         else:
             values["spacing"] = [float(v) for v in self.spacing]
         if self.grid == 1:
@@ -70,6 +76,7 @@ class ModelConfig:
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
         values = dict(values)
         if values.get("spacing") is not None:
+            values.setdefault("flat_bottom", False)  # written before the bottom could be flat
             values["spacing"] = tuple(float(v) for v in values["spacing"])
         return cls(**values)
 

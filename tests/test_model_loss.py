@@ -23,6 +23,7 @@ from cellulus_scale.model.unet import (
     context,
     contexts,
     output_size,
+    pooling_step,
     smallest_valid_size_at_least,
     valid_sizes_near,
 )
@@ -151,6 +152,28 @@ def test_anisotropic_3d_model_pools_in_plane_first_and_its_context_follows(
             out = model(torch.zeros(1, 1, z, y, y + 2**depth))
         assert tuple(out.shape[2:]) == (z - 2 * halo_z, y - 2 * halo_y, y + 2**depth - 2 * halo_y)
         assert output_size(z, depth, flat) == z - 2 * halo_z
+
+
+def test_widely_spaced_planes_make_every_level_flat_and_old_checkpoints_keep_their_bottom() -> None:
+    """A z step of 5 px at depth 1: the bottom level too is flat (its pixel, 2 px, is still
+    under half the z step), so the network never mixes planes: no z context, and a stack of 5
+    planes passes whole. A checkpoint written before the bottom could be flat keeps its 3x3x3
+    bottom."""
+    config = ModelConfig(spatial_dims=3, feature_maps=2, depth=1, spacing=(5.0, 1.0, 1.0))
+    assert config.flat_levels == 2
+    assert replace(config, spacing=(3.0, 1.0, 1.0)).flat_levels == 1
+    assert contexts(config) == (0, context(1), context(1))
+    model = UNet(config).eval()
+    assert model.bottom[0].kernel_size == model.up[0][0].kernel_size == (1, 3, 3)
+    with torch.no_grad():
+        out = model(torch.zeros(1, 1, 5, 36, 36))
+    assert tuple(out.shape[2:]) == (5, 36 - 2 * context(1), 36 - 2 * context(1))
+    assert output_size(5, 1, 2) == 5 and pooling_step(1, 2) == 1
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    written_before = {k: v for k, v in config.to_dict().items() if k != "flat_bottom"}
+    old = ModelConfig.from_dict(written_before)
+    assert old.flat_levels == 1 and UNet(old).bottom[0].kernel_size == (3, 3, 3)
+    assert "flat_bottom" not in replace(config, spacing=None).to_dict()
 
 
 def test_model_rejects_other_dimensions() -> None:

@@ -136,6 +136,19 @@ def test_log_otsu_and_li_keep_the_dim_rim_of_a_bright_textured_nucleus() -> None
     assert chosen.nucleus_threshold_for(3) == "log-otsu"
 
 
+def test_a_nucleolus_open_through_the_stacks_first_plane_is_filled() -> None:
+    """A nucleus that the stack's first plane cuts, with a dark nucleolus reaching that plane:
+    in 3D the hole is open through the stack's end, so each plane's holes are filled too."""
+    z, y, x = np.indices((4, 32, 32))
+    nucleus = np.hypot(y - 15.5, x - 15.5) < 11
+    nucleolus = (np.hypot(y - 14, x - 17) < 3) & (z < 3)
+    intensity = np.where(nucleus & ~nucleolus, 400.0, 100.0)
+    labels = (np.hypot(y - 15.5, x - 15.5) < 14).astype(np.uint32)
+    for threshold in ("otsu", "li"):
+        kept = postprocess(labels, intensity, "nucleus", 0, 0, 0, nucleus_threshold=threshold)
+        assert np.array_equal(kept > 0, nucleus)
+
+
 def test_anisotropic_video_end_to_end_through_the_cli(thin: Path, tmp_path: Path) -> None:
     """simulate --z-scale, train, predict and evaluate on the command line: the model keeps
     the voxel size and pools in-plane first, the output keeps the input's scale."""
@@ -204,3 +217,41 @@ def test_a_stack_too_thin_for_the_network_is_refused_before_training(tmp_path: P
     result = cli("predict", stack, tmp_path / "out.zarr")
     assert result.returncode == 2 and "planes" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_few_widely_spaced_planes_train_and_predict_through_the_cli(tmp_path: Path) -> None:
+    """A stack of 5 planes 5 px apart (a thin confocal stack of adherent cells): every level of
+    the network is flat, so it trains on the 5 planes whole and predicts the same embeddings
+    with blocks of 3 planes (no z context) as with the whole stack."""
+    stack = tmp_path / "five.zarr"
+    made = cli(
+        "simulate", stack, "--frames", 1, "--shape", "48,48", "--depth", 5, "--z-scale", 5,
+        "--diameter", 12, "--seed", 3,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    model = tmp_path / "model.pt"
+    trained = cli(
+        "train", stack, model, "--preset", "cpu", "--feature-maps", 4, "--batch-size", 2,
+        "--epochs", 1, "--max-minutes", 0.05, "--num-workers", 0,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    config = load_checkpoint(model).model_config
+    assert config.spacing == (5.0, 1.0, 1.0) and config.flat_levels == config.depth + 1
+    embeddings = []
+    for sides in ("5,48,48", "3,16,16"):
+        out = tmp_path / f"out_{sides.replace(',', '_')}.zarr"
+        predicted = cli(
+            "predict", stack, out, "--model", model, "--diameter", 12, "--workers", 1,
+            "--tta", 2, "--block-size", sides, "--save-embeddings",
+        )  # fmt: skip
+        assert predicted.returncode == 0, predicted.stderr
+        assert scale_of(out, "cellulus") == scale_of(stack)
+        embeddings.append(zarr.open_array(str(out / "embeddings" / "0"), mode="r")[:])
+    assert embeddings[0].shape[-3:] == (5, 48, 48)
+    assert np.abs(embeddings[0] - embeddings[1]).max() < 1e-4
+    # the diameter is in-plane: nuclei wider (30 px) than the stack is deep (25 px) are allowed
+    wide = cli(
+        "predict", stack, tmp_path / "wide.zarr", "--model", model, "--diameter", 30,
+        "--workers", 1, "--tta", 2,
+    )  # fmt: skip
+    assert wide.returncode == 0, wide.stderr

@@ -185,10 +185,20 @@ def postprocess_nucleus(
         if values.size < 2 or values.min() == values.max():
             kept = mask
         else:
-            kept = mask & (intensity[region] > object_threshold(values, threshold))
-            kept = ndimage.binary_fill_holes(kept) & (mask | ndimage.binary_fill_holes(mask))
+            kept = fill_holes(mask & (intensity[region] > object_threshold(values, threshold)))
+            kept &= mask | fill_holes(mask)
         result[region][kept] = index
     return result
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Fill the holes of a mask; in 3D also those of each plane, which a stack's first or last
+    plane leaves open in 3D (a nucleolus of a nucleus that the stack cuts, say)."""
+    filled = ndimage.binary_fill_holes(mask)
+    if mask.ndim == 3:
+        for plane in filled:
+            plane[...] = ndimage.binary_fill_holes(plane)
+    return filled
 
 
 def object_threshold(values: np.ndarray, method: str) -> float:

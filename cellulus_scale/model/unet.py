@@ -113,7 +113,8 @@ def output_size(input_size: int, depth: int, flat_levels: int = 0, grid: int = 1
     """Output length of the valid U-Net along one axis, or None if the input cannot be taken.
 
     ``flat_levels``: the first levels neither convolve nor pool along this axis (the z axis of
-    an anisotropic 3D network, whose first levels are 1x3x3 with (1, 2, 2) pooling). ``grid``:
+    an anisotropic 3D network, whose first levels are 1x3x3 with (1, 2, 2) pooling; ``depth +
+    1``: every level, the bottom included). ``grid``:
     the input is taken in cells of ``grid`` pixels (a multiple of it) and the output counts
     cells, one per ``grid`` pixels."""
     if input_size % grid:
@@ -126,7 +127,8 @@ def output_size(input_size: int, depth: int, flat_levels: int = 0, grid: int = 1
         if size < 2 or size % 2:
             return None
         size //= 2
-    size -= 2 * _BLOCK_LOSS  # the bottom level convolves every axis
+    if flat_levels <= depth:  # the bottom level convolves this axis unless it is flat too
+        size -= 2 * _BLOCK_LOSS
     if size < 1:
         return None
     for level in reversed(range(depth)):
@@ -150,7 +152,7 @@ def context(depth: int, flat_levels: int = 0, grid: int = 1) -> int:
 def pooling_step(depth: int, flat_levels: int = 0, grid: int = 1) -> int:
     """The pixels between two positions on which the network reads the same way along one
     axis: its input must start on this grid for outputs not to depend on where it starts."""
-    return grid * 2 ** (depth - flat_levels)
+    return grid * 2 ** max(0, depth - flat_levels)
 
 
 def axis_flat_levels(config: ModelConfig) -> tuple[int, ...]:

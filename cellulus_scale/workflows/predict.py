@@ -377,8 +377,9 @@ def method_settings(
             f" pixels), but {image.path} has {given}",
             "pass --voxel-size Z,Y,X if the image's scale is wrong, or train a model on it",
         )
-    physical = [s * (spacing[a] if spacing else 1.0) for a, s in enumerate(spatial)]
-    if segmentation.diameter > min(physical):
+    # the diameter is in-plane: a stack may be thinner than its nuclei are wide (a few planes
+    # through flat, adherent cells), so only the in-plane sides bound it
+    if segmentation.diameter > min(spatial[-2:]):
         raise UserInputError(
             f"--diameter {segmentation.diameter:g} is larger than the frame"
             f" ({'x'.join(map(str, spatial))})",
