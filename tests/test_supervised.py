@@ -427,7 +427,7 @@ def test_3d_crops_carry_targets_for_rays_on_a_sphere(volume: Path) -> None:
 
 
 def test_3d_training_uses_rays_on_a_sphere(tmp_path: Path) -> None:
-    """Two steps on the smallest cubic crop of the depth-3 network (92 voxels per side)."""
+    """Two steps on cubes of 92 voxels (isotropic voxels: crops alike on every axis)."""
     spec = SimulationSpec(frames=1, shape=(96, 96, 96), diameter=10)
     video = write_simulation(tmp_path / "cube.zarr", spec)
     path = tmp_path / "sd3_trained.pt"

@@ -61,7 +61,7 @@ from cellulus_scale.methods.base import (
     postprocess_region,
 )
 from cellulus_scale.model.checkpoint import Checkpoint
-from cellulus_scale.model.unet import pooling_step
+from cellulus_scale.model.unet import axis_flat_levels, pooling_step
 
 
 def suppression_halo(plan: Plan, step: int) -> tuple[int, int]:
@@ -91,14 +91,17 @@ def candidates_task(plan: Plan, frame: int, block: Block) -> dict[str, np.ndarra
     config = checkpoint.model_config
     depth, grid = config.depth, config.grid
     n_rays = config.outputs - 1
-    halo, network_halo = suppression_halo(plan, pooling_step(depth, 0, grid))
-    context = plan.settings.network_context
-    indices = network_window(plan, block, network_halo + context, depth, grid=grid)
+    flats = axis_flat_levels(config)  # an anisotropic 3D model leaves z alone in its first levels
+    steps = [pooling_step(depth, flat, grid) for flat in flats]
+    halo = suppression_halo(plan, 1)[0]
+    network_halos = [suppression_halo(plan, step)[1] for step in steps]
+    contexts = plan.settings.halos(plan.spatial_dims)
+    reads = [n + c for n, c in zip(network_halos, contexts, strict=True)]
+    indices = network_window(plan, block, reads, depth, flats, grid)
     raw = read_region(plan, frame, indices)
     check_finite(raw, plan, frame)
     core_raw = raw[
-        (slice(None),)
-        + tuple(slice(context + network_halo, context + network_halo + s) for s in block.shape)
+        (slice(None),) + tuple(slice(r, r + s) for r, s in zip(reads, block.shape, strict=True))
     ]
     write_image_core(plan, frame, block, core_raw)
     seg = plan.settings.segmentation
@@ -111,7 +114,7 @@ def candidates_task(plan: Plan, frame: int, block: Block) -> dict[str, np.ndarra
             model, checkpoint.normalisation.apply(raw), device, seg.precision
         )
         region = block.grown(halo, plan.spatial_shape)
-        origin = [s - network_halo for s in block.start]
+        origin = [s - n for s, n in zip(block.start, network_halos, strict=True)]
         window, coordinates = on_grid(output, origin, grid, region)
         inside = zip(coordinates, block.start, block.shape, strict=True)
         core = np.ix_(*[(c >= s) & (c < s + n) for c, s, n in inside])

@@ -4,6 +4,7 @@ from them."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -14,19 +15,29 @@ from cellulus_scale.io.ome_zarr import OmeImage
 from cellulus_scale.kernels.normalisation import Normalisation
 
 
-def crop_shape(image: OmeImage, crop_size: int | tuple[int, ...]) -> tuple[int, ...]:
+def crop_shape(
+    image: OmeImage, crop_size: int | tuple[int, ...], past: int | tuple[int, ...] = 0
+) -> tuple[int, ...]:
     """Spatial crop shape: ``crop_size`` along y and x (and z for 3D images), or the given shape
-    per spatial axis."""
+    per spatial axis; refused where larger than the image, or than the image and ``past``
+    pixels on each side (crops that may reach past the border, one number or one per axis)."""
     _, _, depth, height, width = image.canonical_shape
     spatial = (depth, height, width) if image.spatial_dims == 3 else (height, width)
     shape = (crop_size,) * len(spatial) if isinstance(crop_size, int) else tuple(crop_size)
-    if any(s < c for s, c in zip(spatial, shape, strict=True)):
+    beyond = per_axis(past, len(spatial))
+    if any(s + 2 * p < c for s, c, p in zip(spatial, shape, beyond, strict=True)):
         raise UserInputError(
             f"the image ({'x'.join(map(str, spatial))}) is smaller than the"
             f" {'x'.join(map(str, shape))} crops",
             "pass a smaller --crop-size that the network can take (see --help)",
         )
     return shape
+
+
+def within_frame(image: OmeImage, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape`` cut to the image's spatial shape along each axis."""
+    spatial = image.canonical_shape[-len(shape) :]
+    return tuple(min(c, s) for c, s in zip(shape, spatial, strict=True))
 
 
 def read_crop(
@@ -91,25 +102,31 @@ def outside_frame(image: OmeImage, corner: tuple[int, ...], shape: tuple[int, ..
     return outside
 
 
+def per_axis(value: int | Sequence[int], dims: int) -> tuple[int, ...]:
+    """``value`` for each of ``dims`` axes: the same number on every axis, or one per axis."""
+    return (int(value),) * dims if isinstance(value, int | np.integer) else tuple(value)
+
+
 def random_corner(
     rng: np.random.Generator,
     image: OmeImage,
     shape: tuple[int, ...],
-    reach: int = 0,
-    spread: int = 0,
+    reach: int | Sequence[int] = 0,
+    spread: int | Sequence[int] = 0,
 ) -> tuple[int, tuple[int, ...]]:
     """A random frame and crop corner; the crop lies inside the frame, or reaches up to
     ``reach`` pixels past its border. With ``spread``, the corner is drawn from a range
     ``spread`` wider on each side and clipped: a crop at the border is ``spread + 1`` times as
-    likely as one elsewhere, so that the pixels near the border are not seen less often."""
+    likely as one elsewhere, so that the pixels near the border are not seen less often. Both
+    are one number, or one per axis."""
     frames, _, depth, height, width = image.canonical_shape
     spatial = (depth, height, width)[-len(shape) :]
     frame = int(rng.integers(frames))
+    reaches, spreads = per_axis(reach, len(shape)), per_axis(spread, len(shape))
     corner = tuple(
-        min(max(int(rng.integers(size - s + 1 + 2 * (reach + spread))) - reach - spread, -reach),
-            size - s + reach)
-        for size, s in zip(spatial, shape, strict=True)
-    )  # fmt: skip
+        min(max(int(rng.integers(size - s + 1 + 2 * (r + w))) - r - w, -r), size - s + r)
+        for size, s, r, w in zip(spatial, shape, reaches, spreads, strict=True)
+    )
     return frame, corner
 
 
@@ -117,8 +134,8 @@ def textured_crop(
     rng: np.random.Generator,
     image: OmeImage,
     shape: tuple[int, ...],
-    reach: int = 0,
-    spread: int = 0,
+    reach: int | Sequence[int] = 0,
+    spread: int | Sequence[int] = 0,
 ) -> tuple[int, tuple[int, ...], np.ndarray]:
     """(frame, corner, crop) of a random crop that is not constant (up to 100 draws; the last
     one is taken when every draw is constant); ``reach`` and ``spread`` as in
@@ -127,7 +144,7 @@ def textured_crop(
         frame, corner = random_corner(rng, image, shape, reach, spread)
         raw = (
             read_padded_crop(image, frame, corner, shape)
-            if reach
+            if any(per_axis(reach, len(shape)))
             else read_crop(image, frame, corner, shape)
         )
         if raw.size and raw.max() > raw.min():
@@ -143,11 +160,11 @@ def estimate_normalisation(
     seed: int,
 ) -> Normalisation:
     """Robust percentiles of the intensities over ``samples`` random crops (of ``crop_size``, at
-    most the frame's side, or of the given shape)."""
+    most the frame's side, or of the given shape, at most the frame's along each axis)."""
     if isinstance(crop_size, int):
         shape = crop_shape(image, min(crop_size, *image.canonical_shape[-2:]))
     else:
-        shape = crop_shape(image, crop_size)
+        shape = crop_shape(image, within_frame(image, crop_size))
     rng = np.random.default_rng([seed, 7])
     values = []
     for _ in range(samples):
@@ -300,8 +317,8 @@ class LabelledCrops(torch.utils.data.Dataset):
         self,
         image: OmeImage,
         labels: OmeImage,
-        crop_size: int,
-        margin: int,
+        crop_size: int | tuple[int, ...],
+        margin: int | tuple[int, ...],
         normalisation: Normalisation,
         seed: int,
         length: int,
@@ -313,8 +330,9 @@ class LabelledCrops(torch.utils.data.Dataset):
     ) -> None:
         self.image = image
         self.labels = labels
-        self.shape = crop_shape(image, crop_size)
-        self.margin = margin
+        self.margins = per_axis(margin, image.spatial_dims)
+        # the output region stays in the frame: the crop may exceed it by the margins
+        self.shape = crop_shape(image, crop_size, self.margins)
         self.normalisation = normalisation
         self.seed = seed
         self.length = length
@@ -336,8 +354,9 @@ class LabelledCrops(torch.utils.data.Dataset):
         )
 
         rng = np.random.default_rng([self.seed, int(index)])
-        spread = (min(self.shape) - 2 * self.margin) // 2  # half the output region
-        frame, corner, raw = textured_crop(rng, self.image, self.shape, self.margin, spread)
+        margins = self.margins
+        spread = [(s - 2 * m) // 2 for s, m in zip(self.shape, margins, strict=True)]  # half out
+        frame, corner, raw = textured_crop(rng, self.image, self.shape, margins, spread)
         labels = read_padded_crop(self.labels, frame, corner, self.shape, "constant")[0]
         labels = labels.astype(np.int64)
         labels[outside_frame(self.labels, corner, self.shape)] = -1  # flipped with the labels
@@ -345,11 +364,13 @@ class LabelledCrops(torch.utils.data.Dataset):
         outside = labels < 0
         labels[outside] = 0
         g = self.grid
-        inner = tuple(slice(self.margin, s - self.margin, g) for s in labels.shape)
+        inner = tuple(slice(m, s - m, g) for s, m in zip(labels.shape, margins, strict=True))
         doubtful = doubtful_objects(labels, self.trusted_area, self.trusted_solidity, cut=outside)
         labels = np.where(doubtful, 0, labels)
         probability = object_probability(labels)[inner]
-        on_grid = tuple(slice(self.margin // g, (s - self.margin) // g) for s in labels.shape)
+        on_grid = tuple(
+            slice(m // g, (s - m) // g) for s, m in zip(labels.shape, margins, strict=True)
+        )
         distances = star_distances(labels, self.n_rays, g)[(slice(None), *on_grid)]
         weight = np.ones(probability.shape, np.float32)
         if self.ignore_cut_objects:
@@ -367,7 +388,9 @@ def median_object_size(
     labels: OmeImage, shape: tuple[int, ...], seed: int, crops: int = 16
 ) -> float:
     """Median size (pixels; voxels in 3D) of the objects inside ``crops`` random crops of the
-    label image (objects cut by a crop's border left out); 0 when there are none."""
+    label image (of ``shape``, at most the image's; objects cut by a crop's border left out); 0
+    when there are none."""
+    shape = within_frame(labels, shape)
     rng = np.random.default_rng([seed, 7])
     sizes: list[np.ndarray] = []
     for _ in range(crops):

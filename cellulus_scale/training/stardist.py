@@ -12,6 +12,7 @@ it.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -20,16 +21,23 @@ import torch
 
 from cellulus_scale.config import (
     AUTO_PRESET,
-    SUPERVISED_DEPTH,
     SUPERVISED_PRESETS,
     ModelConfig,
     SupervisedConfig,
+    auto_preset,
 )
 from cellulus_scale.errors import UserInputError
-from cellulus_scale.io.ome_zarr import open_labels
+from cellulus_scale.io.ome_zarr import OmeImage, open_labels, voxel_spacing
 from cellulus_scale.kernels.star_convex import DEFAULT_RAYS, MIN_RAYS
+from cellulus_scale.model.device import choose_device
 from cellulus_scale.model.loss import stardist_loss
-from cellulus_scale.model.unet import check_input_size, contexts, largest_valid_size_at_most
+from cellulus_scale.model.unet import (
+    axis_flat_levels,
+    check_input_size,
+    contexts,
+    largest_valid_size_at_most,
+    smallest_valid_size_at_least,
+)
 from cellulus_scale.training.crops import (
     LabelledCrops,
     check_labels_match,
@@ -47,17 +55,50 @@ from cellulus_scale.training.loop import (
 )
 
 KIND = "stardist"
-#: The network of every preset in 3D: depth 3 without a grid (the cpu preset's grid is 2D only).
-VOLUME_NETWORK = {"grid": 1, "depth": SUPERVISED_DEPTH}
 INIT_CROPS = 8  # crops whose targets set the initial ray length
 LOG_COLUMNS = ["step", "epoch", "loss", "prob", "dist", "lr", "seconds", "data_wait"]
 
 
+def crop_planes(model_config: ModelConfig, crop_size: int, depth_planes: int) -> int:
+    """Planes per 3D crop: the physical extent of the in-plane side ``crop_size``, at most the
+    whole stack and the network's z context on each side of it (reflected, as prediction reads
+    a stack), the largest size the network takes along z (its flat levels leave z alone);
+    refuses a stack too thin for the network."""
+    spacing = model_config.spacing or (1.0, 1.0, 1.0)
+    flat = axis_flat_levels(model_config)[0]
+    extent = math.ceil(crop_size * float(spacing[-1]) / float(spacing[0]))
+    reach = depth_planes + 2 * contexts(model_config)[0]
+    planes = largest_valid_size_at_most(min(reach, extent), model_config.depth, flat)
+    if planes is None:
+        smallest = smallest_valid_size_at_least(1, model_config.depth, flat)
+        raise UserInputError(
+            f"the stack has {depth_planes} planes, fewer than the smallest crop the"
+            f" depth-{model_config.depth} network takes ({smallest} planes for this voxel size)",
+            "train on a stack with more planes, or check the voxel size in its NGFF scale",
+        )
+    return planes
+
+
+def volume_crop_side(
+    image: OmeImage, preset: str, device: str, depth: int | None = None
+) -> int | None:
+    """The in-plane crop side for a 3D image: the preset's ``volume_crop_size``, at most the
+    largest the planes allow, valid for the preset's network (``depth`` where given); None where
+    the planes are too small (the crop check then says so)."""
+    name = auto_preset(choose_device(device).type) if preset == AUTO_PRESET else preset
+    if name not in SUPERVISED_PRESETS:
+        return None  # resolve_configs names the unknown preset
+    chosen = SUPERVISED_PRESETS[name]
+    side = min(chosen.train.volume_crop_size, *image.canonical_shape[-2:])
+    return largest_valid_size_at_most(side, chosen.model.depth if depth is None else depth)
+
+
 def check_supervised_crop(
     model_config: ModelConfig, config: SupervisedConfig, spatial_shape: tuple[int, ...]
-) -> None:
-    """Refuse crops the depth-``d`` network cannot take or that do not fit in the image (the
-    crops are of ``crop_size`` on every axis)."""
+) -> tuple[int, ...] | None:
+    """Refuse crops the depth-``d`` network cannot take or that do not fit in the image. 2D:
+    squares of ``crop_size`` (returns None); 3D: ``crop_size`` in-plane by :func:`crop_planes`
+    planes (returns the shape)."""
     depth, grid = model_config.depth, model_config.grid
     dims = len(spatial_shape)
     if grid > 1 and dims != 2:
@@ -65,7 +106,7 @@ def check_supervised_crop(
             f"--grid {grid} is for 2D images; this image is {dims}D", "drop --grid"
         )
     check_input_size(config.crop_size, depth, grid=grid)
-    side = min(spatial_shape)
+    side = min(spatial_shape[-2:])
     if config.crop_size > side:
         largest = largest_valid_size_at_most(side, depth, grid=grid)
         shape = "x".join(map(str, spatial_shape))
@@ -90,6 +131,11 @@ def check_supervised_crop(
             f" {1 + config.n_rays}",
             "drop --out-channels; it follows from --n-rays",
         )
+    if dims == 3:
+        return (crop_planes(model_config, config.crop_size, spatial_shape[0]),) + (
+            config.crop_size,
+        ) * 2
+    return None
 
 
 SUPERVISED = Recipe(
@@ -139,26 +185,33 @@ def train_supervised(
         )
     if not resume and image.spatial_dims == 3:
         overrides.setdefault("n_rays", DEFAULT_RAYS[3])  # rays on a sphere: 96 by default in 3D
-        if "grid" not in overrides and "depth" not in overrides:
-            overrides.update(VOLUME_NETWORK)  # a grid is for 2D images
+        overrides.setdefault("grid", 1)  # the preset's depth, without its grid (2D only)
+        # anisotropic voxels: the network's first levels flat, as the OCE model's
+        overrides.setdefault("spacing", voxel_spacing(image))
+        if "crop_size" not in overrides:
+            side = volume_crop_side(image, preset, device, overrides.get("depth"))
+            if side is not None:
+                overrides["crop_size"] = side
     if "n_rays" in overrides and not resume:
         overrides.setdefault("out_channels", 1 + int(overrides["n_rays"]))
     setup = prepare_training(image, model_path, SUPERVISED, options, overrides)
     config: SupervisedConfig = setup.train_config
     label_image = open_labels(image.path, config.labels)
     check_labels_match(image, label_image, config.labels)
-    margin = contexts(setup.model_config)[-1]
+    margins = contexts(setup.model_config)
     trusted_area = None
     if config.trusted_size is not None:
-        typical = median_object_size(label_image, crop_shape(image, config.crop_size), config.seed)
+        typical = median_object_size(
+            label_image, crop_shape(image, setup.crop, margins), config.seed
+        )
         trusted_area = (config.trusted_size[0] * typical, config.trusted_size[1] * typical)
 
     def make_dataset(length: int) -> LabelledCrops:
         return LabelledCrops(
             image,
             label_image,
-            config.crop_size,
-            margin,
+            setup.crop,
+            margins,
             setup.normalisation,
             config.seed,
             length,

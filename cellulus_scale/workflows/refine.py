@@ -68,20 +68,19 @@ def check_refinable(output: Path) -> float:
 def student_settings(
     output: Path, preset: str, device_type: str, diameter: float
 ) -> dict[str, int]:
-    """What the run asks of the preset's student: no grid for objects narrower than
-    :data:`~cellulus_scale.config.GRID_MIN_DIAMETER` (``{"grid": 1}``; in 3D
-    :func:`~cellulus_scale.training.stardist.train_supervised` drops it), and
-    ``{"crop_size": side}`` where the preset's crops are larger than the image (the largest
-    crop the network takes that fits): a small video refines as a large one."""
-    from cellulus_scale.training.stardist import VOLUME_NETWORK
-
+    """What the run asks of the preset's student in 2D: no grid for objects narrower than
+    :data:`~cellulus_scale.config.GRID_MIN_DIAMETER` (``{"grid": 1}``), and ``{"crop_size":
+    side}`` where the preset's crops are larger than the image (the largest crop the network
+    takes that fits): a small video refines as a large one. In 3D nothing:
+    :func:`~cellulus_scale.training.stardist.train_supervised` drops the grid and picks the
+    crops per axis."""
     image = ome_zarr.open_image(output)
     chosen = SUPERVISED_PRESETS[auto_preset(device_type) if preset == AUTO_PRESET else preset]
     settings: dict[str, int] = {}
     depth, grid = chosen.model.depth, chosen.model.grid
     if image.spatial_dims == 3:
-        depth, grid = VOLUME_NETWORK["depth"], VOLUME_NETWORK["grid"]
-    elif grid > 1 and diameter < GRID_MIN_DIAMETER:
+        return settings
+    if grid > 1 and diameter < GRID_MIN_DIAMETER:
         settings["grid"] = grid = 1
     side = min(image.canonical_shape[-image.spatial_dims :])
     if chosen.train.crop_size > side:
