@@ -93,7 +93,7 @@ def candidates_task(plan: Plan, frame: int, block: Block) -> dict[str, np.ndarra
     n_rays = config.outputs - 1
     flats = axis_flat_levels(config)  # an anisotropic 3D model leaves z alone in its first levels
     steps = [pooling_step(depth, flat, grid) for flat in flats]
-    halo = suppression_halo(plan, 1)[0]
+    halo = plan.settings.segmentation.clustering_halo
     network_halos = [suppression_halo(plan, step)[1] for step in steps]
     contexts = plan.settings.halos(plan.spatial_dims)
     reads = [n + c for n, c in zip(network_halos, contexts, strict=True)]
