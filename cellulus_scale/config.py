@@ -42,6 +42,9 @@ class ModelConfig:
     # that a stack of a few widely spaced planes trains. False: checkpoints written before it
     # could, whose bottom level always convolves 3x3x3.
     flat_bottom: bool = True
+    # 3D StarDist models: rays spread evenly in physical space (StarDist's anisotropy, from
+    # ``spacing``). False: checkpoints written before, whose rays are even in voxels.
+    physical_rays: bool = True
 
     @property
     def outputs(self) -> int:
@@ -62,10 +65,20 @@ class ModelConfig:
             levels += 1
         return levels
 
+    @property
+    def ray_anisotropy(self) -> tuple[float, float, float] | None:
+        """StarDist's anisotropy for this model's 3D rays: the voxel size over its smallest side
+        (e.g. (2.18, 1, 1)); None for 2D, isotropic voxels and checkpoints without it."""
+        if self.spatial_dims != 3 or self.spacing is None or not self.physical_rays:
+            return None
+        smallest = float(min(self.spacing))
+        ratio = tuple(float(s) / smallest for s in self.spacing)
+        return None if all(r == 1.0 for r in ratio) else (ratio[0], ratio[1], ratio[2])
+
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
         if self.spacing is None:  # checkpoints of isotropic data keep their earlier layout
-            del values["spacing"], values["flat_bottom"]
+            del values["spacing"], values["flat_bottom"], values["physical_rays"]
         else:
             values["spacing"] = [float(v) for v in self.spacing]
         if self.grid == 1:
@@ -77,6 +90,7 @@ class ModelConfig:
         values = dict(values)
         if values.get("spacing") is not None:
             values.setdefault("flat_bottom", False)  # written before the bottom could be flat
+            values.setdefault("physical_rays", False)  # written before rays followed the voxel
             values["spacing"] = tuple(float(v) for v in values["spacing"])
         return cls(**values)
 

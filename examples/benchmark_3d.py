@@ -1,10 +1,10 @@
 """3D accuracy benchmark: a real anisotropic embryo stack and a simulated anisotropic video.
 
-Each data set gets three rows: the one command with default settings, ``predict IN OUT`` (train
+Each data set gets four rows: the one command with default settings, ``predict IN OUT`` (train
 on the input itself, estimate the diameter, segment blockwise), then the model it trained and
 the diameter it estimated with ``--std-threshold otsu`` (the 2D foreground rule; 3D defaults
-to log-Otsu) and with ``--nucleus-threshold otsu`` (the 2D outline; 3D defaults to Li's); all
-scored against the ground truth with :func:`cellulus_scale.evaluation.evaluate.evaluate`
+to log-Otsu) and with ``--nucleus-threshold otsu`` (the 2D outline; 3D defaults to Li's), and
+the classical watershed baseline (``--method watershed``) at that diameter; all scored against the ground truth with :func:`cellulus_scale.evaluation.evaluate.evaluate`
 (F1 at IoU 0.5, SEG, AP 0.5:0.95). The voxel size comes from each store's NGFF scale.
 
 - real: ``--real STORE`` (e.g. ``../shared/data/bbbc050-embryo8.zarr``: 51 x 120 x 122 voxels,
@@ -47,7 +47,7 @@ HEADER = (
 
 def run_rows(name: str, store: Path, work: Path, options: dict) -> list[str]:
     """The one command on ``store`` with ``options``, then its model with each of
-    :data:`VARIANTS`, each scored against the store's ground truth."""
+    :data:`VARIANTS` and the watershed baseline, each scored against the store's ground truth."""
     image = ome_zarr.open_image(store)
     spacing = ome_zarr.voxel_spacing(image) or (1.0, 1.0, 1.0)
     out = work / f"{name.replace(' ', '_').replace(',', '')}.zarr"
@@ -76,6 +76,18 @@ def run_rows(name: str, store: Path, work: Path, options: dict) -> list[str]:
             **setting,
         )
         runs.append((variant, label, time.perf_counter() - began))
+    baseline = out.with_name(f"{out.stem}_watershed.zarr")
+    began = time.perf_counter()
+    predict(
+        store,
+        baseline,
+        method="watershed",
+        diameter=diameter,
+        overwrite=True,
+        progress=False,
+        workers=options["workers"],
+    )
+    runs.append((baseline, "watershed baseline", time.perf_counter() - began))
     for path, settings, total in runs:
         report = evaluate(path, store)
         scores = report.overall

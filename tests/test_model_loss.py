@@ -176,6 +176,22 @@ def test_widely_spaced_planes_make_every_level_flat_and_old_checkpoints_keep_the
     assert "flat_bottom" not in replace(config, spacing=None).to_dict()
 
 
+def test_3d_rays_follow_the_voxel_size_and_old_checkpoints_keep_theirs() -> None:
+    """A StarDist model's 3D rays are spread evenly in physical space: StarDist's anisotropy is
+    the voxel size over its smallest side. 2D, isotropic voxels and checkpoints written before
+    (voxel size but no ``physical_rays``) keep rays even in voxels."""
+    config = ModelConfig(spatial_dims=3, out_channels=17, spacing=(2.18, 1.0, 1.0))
+    assert config.ray_anisotropy == (2.18, 1.0, 1.0)
+    assert replace(config, spacing=(1.0, 0.5, 0.5)).ray_anisotropy == (2.0, 1.0, 1.0)
+    assert replace(config, spacing=(1.0, 1.0, 1.0)).ray_anisotropy is None
+    assert replace(config, spacing=None).ray_anisotropy is None
+    assert ModelConfig(out_channels=33).ray_anisotropy is None
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    written_before = {k: v for k, v in config.to_dict().items() if k != "physical_rays"}
+    assert ModelConfig.from_dict(written_before).ray_anisotropy is None
+    assert "physical_rays" not in replace(config, spacing=None).to_dict()
+
+
 def test_model_rejects_other_dimensions() -> None:
     with pytest.raises(ValueError):
         UNet(ModelConfig(spatial_dims=4))

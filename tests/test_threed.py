@@ -19,6 +19,7 @@ from cellulus_scale.errors import UserInputError
 from cellulus_scale.io.ome_zarr import open_image, voxel_spacing
 from cellulus_scale.kernels.clustering import embeddings_of, postprocess
 from cellulus_scale.kernels.normalisation import Normalisation
+from cellulus_scale.kernels.star_convex import star_distances
 from cellulus_scale.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cellulus_scale.model.unet import UNet, contexts, smallest_valid_size_at_least
 from cellulus_scale.simulation.simulate import SimulationSpec, simulate_frames
@@ -276,6 +277,7 @@ def test_a_stardist_model_trains_on_a_thin_anisotropic_stack(thin: Path, tmp_pat
     assert config.spacing == (3.0, 1.0, 1.0) and config.grid == 1
     assert (config.depth, config.flat_levels, contexts(config)) == (2, 1, (8, 20, 20))
     assert checkpoint.train_config["crop_size"] == 56  # the planes (56 px): a depth-2 size
+    assert config.ray_anisotropy == (3.0, 1.0, 1.0)  # rays spread evenly in space, not voxels
     predicted = cli(
         "predict", thin, tmp_path / "sd.zarr", "--model", model, "--diameter", 12,
         "--workers", 1,
@@ -283,10 +285,13 @@ def test_a_stardist_model_trains_on_a_thin_anisotropic_stack(thin: Path, tmp_pat
     assert predicted.returncode == 0, predicted.stderr
 
 
-def random_anisotropic_stardist(stack: Path, path: Path) -> np.ndarray:
+def random_anisotropic_stardist(
+    stack: Path, path: Path, ray_lengths: np.ndarray | None = None
+) -> np.ndarray:
     """An untrained 3D StarDist model for planes 3 px apart whose probability varies over the
-    stack and exceeds 0.5 on about 1% of it, with rays of about 4 voxels; returns its logit
-    over the stack, from one forward pass of the whole stack reflected by the contexts."""
+    stack and exceeds 0.5 on about 1% of it, with rays of about 4 voxels (or of ``ray_lengths``
+    everywhere); returns its logit over the stack, from one forward pass of the whole stack
+    reflected by the contexts."""
     torch.manual_seed(2)
     config = ModelConfig(
         spatial_dims=3, depth=2, feature_maps=4, out_channels=1 + 16, spacing=(3.0, 1.0, 1.0)
@@ -303,6 +308,9 @@ def random_anisotropic_stardist(stack: Path, path: Path) -> np.ndarray:
         net.head[-1].weight[0] *= 100
         net.head[-1].weight[1:] *= 0.01
         net.head[-1].bias[1:] = 4.0
+        if ray_lengths is not None:
+            net.head[-1].weight[1:] = 0.0
+            net.head[-1].bias[1:] = torch.from_numpy(ray_lengths)
         logit = net(torch.from_numpy(np.ascontiguousarray(window[None])))[0, 0].numpy()
         net.head[-1].bias[0] = -float(np.percentile(logit, 99))
     save_checkpoint(Checkpoint("stardist", config, normalisation, net.state_dict(), "tzyx"), path)
@@ -339,3 +347,31 @@ def test_an_anisotropic_stardist_model_segments_the_same_with_blocks_that_split_
     centres = ndimage.center_of_mass(whole[0] > 0, whole[0], np.unique(whole[0])[1:])
     on_candidates = [near[tuple(int(round(c)) for c in centre)] > 0 for centre in centres]
     assert np.mean(on_candidates) > 0.8
+
+
+def test_a_stardist_model_draws_its_objects_with_its_rays_spread_evenly_in_space(
+    tmp_path: Path,
+) -> None:
+    """Prediction draws each polyhedron on the model's rays. A model for planes 3 px apart whose
+    rays everywhere have the lengths of a ball 6 px in radius (on its rays: spread evenly in
+    space) draws balls: 5 planes by 11 px at most. The same lengths drawn on rays spread evenly
+    in voxels, as before, give objects 7 planes tall."""
+    spec = SimulationSpec(frames=1, shape=(30, 48, 48), diameter=12.0, seed=4, z_scale=3.0)
+    stack = write_simulation(tmp_path / "stack.zarr", spec)
+    rays = ModelConfig(spatial_dims=3, out_channels=17, spacing=(3.0, 1.0, 1.0)).ray_anisotropy
+    zz, yy, xx = np.indices((10, 20, 20))
+    ball = (zz * 3 - 15) ** 2 + (yy - 10) ** 2 + (xx - 10) ** 2 <= 36
+    lengths = star_distances(ball.astype(np.uint16), 16, anisotropy=rays)[:, 5, 10, 10]
+    model = tmp_path / "sd.pt"
+    random_anisotropic_stardist(stack, model, lengths)
+    out = tmp_path / "out.zarr"
+    predicted = cli(
+        "predict", stack, out, "--model", model, "--diameter", 12, "--workers", 1,
+        "--mode", "none",
+    )  # fmt: skip
+    assert predicted.returncode == 0, predicted.stderr
+    labels = zarr.open_array(str(out / "labels" / "cellulus" / "0"), mode="r")[0]
+    boxes = ndimage.find_objects(labels)
+    sides = np.array([[s.stop - s.start for s in box] for box in boxes if box is not None])
+    assert len(sides) > 10
+    assert sides[:, 0].max() == 5 and sides[:, 1:].max() == 11

@@ -6,8 +6,11 @@ only ``stardist.geometry``, ``stardist.nms`` and ``stardist.utils``); this modul
 conventions around them that blockwise prediction needs:
 
 - rays: in 2D, angle ``2 pi k / n`` with ``dy = sin``, ``dx = cos`` (StarDist's convention);
-  in 3D, StarDist's golden spiral on the unit sphere (``Rays_GoldenSpiral(n)``, isotropic),
-  directions (dz, dy, dx);
+  in 3D, StarDist's golden spiral on the unit sphere (``Rays_GoldenSpiral(n, anisotropy)``),
+  directions (dz, dy, dx) in voxels; with an ``anisotropy`` (the voxel size over its smallest
+  side, e.g. (3, 1, 1) for planes 3 px apart) the rays are spread evenly in physical space, as
+  StarDist does for anisotropic stacks, so a flat-in-voxels nucleus gets as many rays across
+  its height as across its width;
 - suppression visits candidates in a deterministic order (probability, then global position),
   so that two blocks that see the same candidates keep the same ones (in 3D the overlap is
   StarDist's polyhedron overlap);
@@ -39,22 +42,36 @@ def ray_angles(n_rays: int) -> np.ndarray:
     return np.arange(n_rays) * (2 * np.pi / n_rays)
 
 
+#: The rays' anisotropy in 3D: (z, y, x) voxel size over its smallest side; None: isotropic.
+Anisotropy = tuple[float, float, float] | None
+
+
+def as_anisotropy(values: Sequence[float]) -> Anisotropy:
+    """The anisotropy written as a sequence: three values, or none for isotropic rays."""
+    if len(values) == 0:
+        return None
+    z, y, x = (float(v) for v in values)
+    return (z, y, x)
+
+
 @lru_cache(maxsize=8)
-def sphere_rays(n_rays: int) -> Any:
-    """StarDist's 3D rays: ``n_rays`` golden-spiral directions on the unit sphere (isotropic),
-    with the triangular faces between them."""
+def sphere_rays(n_rays: int, anisotropy: Anisotropy = None) -> Any:
+    """StarDist's 3D rays: ``n_rays`` golden-spiral directions, with the triangular faces
+    between them; even on the unit sphere in voxels (``anisotropy`` None) or in physical space
+    (each direction's components divided by ``anisotropy``, then normalised in voxels)."""
     from stardist import Rays_GoldenSpiral
 
-    return Rays_GoldenSpiral(n_rays, anisotropy=None)
+    return Rays_GoldenSpiral(n_rays, anisotropy=anisotropy)
 
 
-def ray_directions(n_rays: int, dims: int) -> np.ndarray:
-    """Unit directions (dims, n_rays) of the rays: (dy, dx) in 2D, (dz, dy, dx) in 3D."""
+def ray_directions(n_rays: int, dims: int, anisotropy: Anisotropy = None) -> np.ndarray:
+    """Unit directions (dims, n_rays) of the rays in voxels: (dy, dx) in 2D, (dz, dy, dx) in
+    3D (spread evenly in physical space with an ``anisotropy``)."""
     if dims == 2:
         angles = ray_angles(n_rays)
         return np.stack([np.sin(angles), np.cos(angles)])
     if dims == 3:
-        return np.asarray(sphere_rays(n_rays).vertices, np.float64).T
+        return np.asarray(sphere_rays(n_rays, anisotropy).vertices, np.float64).T
     raise ValueError(f"star-convex objects are 2D or 3D, not {dims}D")
 
 
@@ -68,12 +85,15 @@ def _sequential(labels: np.ndarray) -> np.ndarray:
     return inverse.reshape(labels.shape).astype(np.uint16)
 
 
-def star_distances(labels: np.ndarray, n_rays: int | None = None, grid: int = 1) -> np.ndarray:
+def star_distances(
+    labels: np.ndarray, n_rays: int | None = None, grid: int = 1, anisotropy: Anisotropy = None
+) -> np.ndarray:
     """Radial distances (n_rays, *shape), float32: for every object pixel (voxel in 3D), the
     distance along each ray to the last pixel of the same object (outside the array counts as
     background); zero on background. Computed on ``labels`` as given, so objects cut by its
     border are cut. ``n_rays`` defaults to 32 in 2D and 96 in 3D. ``grid`` g: only every g-th
-    pixel along each axis (shape ceil(shape / g)), distances still in pixels."""
+    pixel along each axis (shape ceil(shape / g)), distances still in pixels. 3D: the rays of
+    :func:`sphere_rays` for ``anisotropy``."""
     from stardist.geometry import star_dist, star_dist3D
 
     if labels.ndim not in (2, 3):
@@ -82,7 +102,9 @@ def star_distances(labels: np.ndarray, n_rays: int | None = None, grid: int = 1)
     if labels.ndim == 2:
         distances = star_dist(_sequential(labels), n_rays, grid=(grid,) * 2)
     else:
-        distances = star_dist3D(_sequential(labels), sphere_rays(n_rays), grid=(grid,) * 3)
+        distances = star_dist3D(
+            _sequential(labels), sphere_rays(n_rays, anisotropy), grid=(grid,) * 3
+        )
     return np.ascontiguousarray(np.moveaxis(distances, -1, 0), dtype=np.float32)
 
 
@@ -147,11 +169,13 @@ def touching_border(labels: np.ndarray) -> np.ndarray:
     return np.isin(labels, cut) if len(cut) else np.zeros(labels.shape, bool)
 
 
-def polygon_vertices(points: np.ndarray, distances: np.ndarray) -> np.ndarray:
+def polygon_vertices(
+    points: np.ndarray, distances: np.ndarray, anisotropy: Anisotropy = None
+) -> np.ndarray:
     """Vertices (n, dims, n_rays) of the polygons (polyhedra in 3D) with centres ``points``
     (n, dims) and ray lengths ``distances`` (n, n_rays), in float64."""
     points = np.asarray(points)
-    directions = ray_directions(distances.shape[1], points.shape[1])  # (dims, n_rays)
+    directions = ray_directions(distances.shape[1], points.shape[1], anisotropy)
     return (
         np.asarray(points, np.float64)[:, :, None]
         + np.asarray(distances, np.float64)[:, None, :] * directions[None]
@@ -166,7 +190,11 @@ def suppression_order(points: np.ndarray, probabilities: np.ndarray) -> np.ndarr
 
 
 def suppress(
-    points: np.ndarray, probabilities: np.ndarray, distances: np.ndarray, threshold: float
+    points: np.ndarray,
+    probabilities: np.ndarray,
+    distances: np.ndarray,
+    threshold: float,
+    anisotropy: Anisotropy = None,
 ) -> np.ndarray:
     """Greedy non-maximum suppression of star-convex polygons (polyhedra for 3D ``points``);
     returns the indices of the kept candidates, most probable first.
@@ -185,7 +213,7 @@ def suppress(
         keep = non_maximum_suppression_3d_inds(
             np.asarray(distances, np.float32)[order],
             np.asarray(points, np.float32)[order],
-            sphere_rays(np.asarray(distances).shape[1]),
+            sphere_rays(np.asarray(distances).shape[1], anisotropy),
             scores=np.arange(len(order), 0, -1, dtype=np.float64),
             thresh=threshold,
             use_bbox=True,
@@ -205,9 +233,11 @@ def suppress(
     return order[np.asarray(keep, bool)]
 
 
-def bounding_boxes(points: np.ndarray, distances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def bounding_boxes(
+    points: np.ndarray, distances: np.ndarray, anisotropy: Anisotropy = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Per polygon, the lowest and highest pixel coordinate it can cover (n, dims) each."""
-    vertices = polygon_vertices(points, distances)
+    vertices = polygon_vertices(points, distances, anisotropy)
     return np.floor(vertices.min(axis=2)), np.ceil(vertices.max(axis=2))
 
 
@@ -218,24 +248,26 @@ def render_polygons(
     ids: np.ndarray,
     region: Sequence[slice],
     dtype: np.dtype | type = np.uint32,
+    anisotropy: Anisotropy = None,
 ) -> np.ndarray:
     """Draw the polygons (polyhedra in 3D) that overlap ``region`` (global slices) into a label
     image of the region's shape, less probable first (ties: lower ID first), so the more
     probable polygon wins where two overlap. A pixel is inside when its centre is
     (skimage.draw.polygon in 2D; StarDist's polyhedron_to_label in 3D, evaluated per
-    polyhedron on its bounding box clipped to the region, which depends only on the pixel's
-    position relative to the (integer) centre)."""
+    polyhedron on its bounding box, which depends only on the pixel's position relative to
+    the (integer) centre)."""
     shape = tuple(r.stop - r.start for r in region)
     labels = np.zeros(shape, dtype=dtype)
     if len(points) == 0:
         return labels
     origin = np.array([r.start for r in region], dtype=np.float64)
-    low, high = bounding_boxes(points, distances)
+    low, high = bounding_boxes(points, distances, anisotropy)
     near = np.all((high >= origin) & (low < origin + np.array(shape)), axis=1)
     index = np.flatnonzero(near)
     order = index[np.lexsort([np.asarray(ids)[index], np.asarray(probabilities)[index]])]
     if len(shape) == 3:
-        _render_polyhedra(labels, points, distances, ids, order, origin, low, high)
+        rays = sphere_rays(distances.shape[1], anisotropy)
+        _render_polyhedra(labels, points, distances, ids, order, origin, low, high, rays)
         return labels
     vertices = polygon_vertices(points[order], distances[order]) - origin[None, :, None]
     for label, (rows, cols) in zip(np.asarray(ids)[order], vertices, strict=True):
@@ -253,12 +285,14 @@ def _render_polyhedra(
     origin: np.ndarray,
     low: np.ndarray,
     high: np.ndarray,
+    rays: Any,
 ) -> None:
     """Draw the polyhedra ``order`` into ``labels`` (region starting at ``origin``), in order:
-    each is rendered alone on its bounding box clipped to the region, then pasted."""
+    each is rendered alone on its whole bounding box (StarDist's kernel never returns for some
+    polyhedra whose centre lies outside the box it draws in), then its part in the region is
+    pasted."""
     from stardist.geometry import polyhedron_to_label
 
-    rays = sphere_rays(distances.shape[1])
     shape = np.array(labels.shape)
     ids = np.asarray(ids)
     for k in order:
@@ -266,16 +300,19 @@ def _render_polyhedra(
         last = np.minimum(high[k] - origin + 1, shape).astype(np.int64)
         if np.any(last <= first):
             continue
-        centre = np.asarray(points[k], np.float64) - origin - first
+        corner = low[k] - origin  # the whole box, in the region's coordinates
         mask = polyhedron_to_label(
             np.maximum(np.asarray(distances[k], np.float32), 1e-3)[None],
-            centre[None],
+            (np.asarray(points[k], np.float64) - origin - corner)[None],
             rays,
-            tuple(int(s) for s in last - first),
+            tuple(int(s) for s in high[k] - low[k] + 1),
             verbose=False,
         )
+        inside = tuple(
+            slice(int(a - c), int(b - c)) for a, b, c in zip(first, last, corner, strict=True)
+        )
         box = tuple(slice(int(a), int(b)) for a, b in zip(first, last, strict=True))
-        labels[box][mask > 0] = ids[k]
+        labels[box][mask[inside] > 0] = ids[k]
 
 
 def polygons_to_labels(
@@ -283,8 +320,9 @@ def polygons_to_labels(
     distances: np.ndarray,
     probabilities: np.ndarray,
     shape: Sequence[int],
+    anisotropy: Anisotropy = None,
 ) -> np.ndarray:
     """Render polygons into a whole image with IDs 1..n in the given order."""
     ids = np.arange(1, len(points) + 1)
     region = tuple(slice(0, s) for s in shape)
-    return render_polygons(points, distances, probabilities, ids, region)
+    return render_polygons(points, distances, probabilities, ids, region, anisotropy=anisotropy)

@@ -50,7 +50,7 @@ from cellulus_scale.blockwise.store import (
 )
 from cellulus_scale.errors import UserInputError
 from cellulus_scale.kernels.inference import predict_probability
-from cellulus_scale.kernels.star_convex import render_polygons, suppress
+from cellulus_scale.kernels.star_convex import as_anisotropy, render_polygons, suppress
 from cellulus_scale.methods.base import (
     Method,
     MethodResult,
@@ -123,7 +123,9 @@ def candidates_task(plan: Plan, frame: int, block: Block) -> dict[str, np.ndarra
         candidates = np.stack([c[w] for c, w in zip(coordinates, where, strict=True)], axis=1)
         candidate_probs = window[0][where]
         candidate_dists = window[1:][(slice(None), *where)].T
-        kept = suppress(candidates, candidate_probs, candidate_dists, seg.nms_threshold)
+        kept = suppress(
+            candidates, candidate_probs, candidate_dists, seg.nms_threshold, config.ray_anisotropy
+        )
         kept = kept[block.owns(candidates[kept], plan.spatial_shape, plan.block_size)]
         points = candidates[kept].astype(np.int64)
         probs = candidate_probs[kept].astype(np.float32)
@@ -181,7 +183,13 @@ def labels_task(
         halo += 3 * seg.contrast_ring
     region = block.grown(halo, plan.spatial_shape)
     labels = render_polygons(
-        kept["points"], kept["dists"], kept["probs"], kept["ids"], region, target.dtype
+        kept["points"],
+        kept["dists"],
+        kept["probs"],
+        kept["ids"],
+        region,
+        target.dtype,
+        as_anisotropy(kept["anisotropy"]),  # the model's rays
     )
     if seg.mode == "nucleus":
         labels = outline_nuclei(plan, frame, region, labels)
@@ -225,6 +233,9 @@ def run(session: Session, checkpoint: Checkpoint | None) -> MethodResult:
         )
         session.record(statistics=asdict(stats))
         kept, objects = number_candidates(plan, found, n_rays)
+        anisotropy = np.asarray(checkpoint.model_config.ray_anisotropy or (), np.float64)
+        for frame_kept in kept:
+            frame_kept["anisotropy"] = anisotropy
 
     with session.timed("labels"):
         labels = Stage("labels", labels_task)

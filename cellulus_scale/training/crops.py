@@ -309,8 +309,9 @@ class LabelledCrops(torch.utils.data.Dataset):
     ``trusted_area`` pixels, solidity below ``trusted_solidity``; an object cut by the frame's
     border may be smaller) and a ring around them get weight 0 too: left out of the loss rather
     than taught as background. With ``grid`` g > 1 the targets are those of every g-th pixel of
-    the output region (the network's output grid). Returns (image (C, *crop), probability
-    (*out), distances (n_rays, *out), weight (*out)).
+    the output region (the network's output grid); in 3D the rays follow ``anisotropy``
+    (:func:`~cellulus_scale.kernels.star_convex.sphere_rays`). Returns (image (C, *crop),
+    probability (*out), distances (n_rays, *out), weight (*out)).
     """
 
     def __init__(
@@ -327,6 +328,7 @@ class LabelledCrops(torch.utils.data.Dataset):
         trusted_area: tuple[float, float] | None = None,
         trusted_solidity: float | None = None,
         grid: int = 1,
+        anisotropy: tuple[float, float, float] | None = None,
     ) -> None:
         self.image = image
         self.labels = labels
@@ -341,6 +343,7 @@ class LabelledCrops(torch.utils.data.Dataset):
         self.trusted_area = trusted_area
         self.trusted_solidity = trusted_solidity
         self.grid = grid
+        self.anisotropy = anisotropy
 
     def __len__(self) -> int:
         return self.length
@@ -371,7 +374,7 @@ class LabelledCrops(torch.utils.data.Dataset):
         on_grid = tuple(
             slice(m // g, (s - m) // g) for s, m in zip(labels.shape, margins, strict=True)
         )
-        distances = star_distances(labels, self.n_rays, g)[(slice(None), *on_grid)]
+        distances = star_distances(labels, self.n_rays, g, self.anisotropy)[(slice(None), *on_grid)]
         weight = np.ones(probability.shape, np.float32)
         if self.ignore_cut_objects:
             weight[touching_border(labels)[inner]] = 0.0

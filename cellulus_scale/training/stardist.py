@@ -220,6 +220,7 @@ def train_supervised(
             trusted_area,
             config.trusted_solidity,
             setup.model_config.grid,
+            setup.model_config.ray_anisotropy,
         )
 
     def step_loss(
