@@ -4,8 +4,9 @@ Each data set gets four rows: the one command with default settings, ``predict I
 on the input itself, estimate the diameter, segment blockwise), then the model it trained and
 the diameter it estimated with ``--std-threshold otsu`` (the 2D foreground rule; 3D defaults
 to log-Otsu) and with ``--nucleus-threshold otsu`` (the 2D outline; 3D defaults to Li's), and
-the classical watershed baseline (``--method watershed``) at that diameter; all scored against the ground truth with :func:`cellulus_scale.evaluation.evaluate.evaluate`
-(F1 at IoU 0.5, SEG, AP 0.5:0.95). The voxel size comes from each store's NGFF scale.
+the classical watershed baseline (``--method watershed``) at that diameter; all scored
+against the ground truth with :func:`cellulus_scale.evaluation.evaluate.evaluate` (F1 at IoU
+0.5, SEG, AP 0.5:0.95). The voxel size comes from each store's NGFF scale.
 
 - real: ``--real STORE`` (e.g. ``../shared/data/bbbc050-embryo8.zarr``: 51 x 120 x 122 voxels,
   z step 2.18 pixels, 8 nuclei, ``labels/ground_truth``), read in place;
@@ -92,10 +93,11 @@ def run_rows(name: str, store: Path, work: Path, options: dict) -> list[str]:
         report = evaluate(path, store)
         scores = report.overall
         print(json.dumps({"data": name, "settings": settings, **report.rows()[-1]}), flush=True)
+        trained = "- | -" if settings == "watershed baseline" else f"{steps} | {train_s:.0f}"
         rows.append(
             f"| {name} | {':'.join(f'{v:g}' for v in spacing)} | {settings} | {scores.f1:.3f} |"
             f" {scores.seg:.3f} | {scores.ap:.3f} | {scores.n_true} / {scores.n_pred} |"
-            f" {diameter:.1f} | {steps} | {train_s:.0f} | {total:.0f} |"
+            f" {diameter:.1f} | {trained} | {total:.0f} |"
         )
     return rows
 
